@@ -1,0 +1,1 @@
+"""nnbp: the TP 5 neural-network lab as a reproducible DVC + MLflow pipeline."""
