@@ -1,0 +1,220 @@
+"""The one reader of data files: the lab's ``.npz``, Coursera's ``.mat``, and our own arrays.
+
+Every problem with a file is a ``DataError`` whose message is one line naming the file.
+Arrays are read with ``allow_pickle=False``: an archive that carries a pickle is refused, never run.
+"""
+
+from __future__ import annotations
+
+import math
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+LAB_KEYS = ("X_train", "y_train", "X_test", "y_test")
+
+
+class DataError(ValueError):
+    """A data file that cannot be used; ``str()`` is a one-line message naming the file."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """The lab's layout: ``X_*`` are (d, n) features x examples, ``y_*`` are (n,) labels 1..K."""
+
+    X_train: np.ndarray
+    y_train: np.ndarray
+    X_test: np.ndarray
+    y_test: np.ndarray
+
+
+def read_arrays(path: str | Path, keys: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` file (checking that ``keys`` are among them), loaded eagerly."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if not isinstance(archive, np.lib.npyio.NpzFile):
+                raise DataError(f"{path}: a single .npy array, expected an .npz archive")
+            missing = [k for k in keys if k not in archive.files]
+            if missing:
+                found = ", ".join(archive.files) or "none"
+                raise DataError(f"{path}: missing array(s) {', '.join(missing)} (found: {found})")
+            arrays = {}
+            for name in archive.files:
+                try:
+                    arrays[name] = archive[name]
+                except ValueError as e:
+                    if "allow_pickle" in str(e):
+                        raise DataError(
+                            f"{path}: array '{name}' holds Python objects (a pickle); refused"
+                        ) from None
+                    raise
+            return arrays
+    except DataError:
+        raise
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as e:
+        raise DataError(f"{path}: not a readable .npz archive ({_first_line(e)})") from None
+
+
+def _read_mat(path: Path) -> dict[str, np.ndarray]:
+    import scipy.io
+
+    try:
+        raw = scipy.io.loadmat(path)
+    except Exception as e:
+        # scipy raises a zoo of types (MatReadError, ValueError, struct.error...) for a bad file.
+        raise DataError(f"{path}: not a readable .mat file ({_first_line(e)})") from None
+    return {k: v for k, v in raw.items() if not k.startswith("__")}
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def _features(path: Path, name: str, X: np.ndarray) -> np.ndarray:
+    if X.dtype == object or not (np.issubdtype(X.dtype, np.number) or X.dtype == bool):
+        raise DataError(f"{path}: {name} must be numeric, got dtype {X.dtype}")
+    if X.ndim != 2:
+        raise DataError(f"{path}: {name} must be 2-D (features x examples), got shape {X.shape}")
+    if X.size == 0:
+        raise DataError(f"{path}: {name} is empty (shape {X.shape})")
+    if np.iscomplexobj(X):
+        raise DataError(f"{path}: {name} must be real, got dtype {X.dtype}")
+    X = X.astype(np.float64)
+    if not np.isfinite(X).all():
+        bad = int(np.count_nonzero(~np.isfinite(X)))
+        raise DataError(f"{path}: {name} has {bad} NaN or infinite value(s)")
+    return X
+
+
+def _labels(path: Path, name: str, y: np.ndarray, n: int, classes: int) -> np.ndarray:
+    if y.dtype == object or not (np.issubdtype(y.dtype, np.number) or y.dtype == bool):
+        raise DataError(f"{path}: {name} must be numeric, got dtype {y.dtype}")
+    if y.ndim > 2 or (y.ndim == 2 and 1 not in y.shape):
+        raise DataError(f"{path}: {name} must be a vector (n,) or (n, 1), got shape {y.shape}")
+    y = y.reshape(-1)
+    if y.size != n:
+        raise DataError(f"{path}: {name} has {y.size} labels for {n} examples")
+    if not np.isfinite(y).all() or not np.array_equal(y, np.round(y)):
+        raise DataError(f"{path}: {name} must hold whole numbers (class labels 1..{classes})")
+    if y.min() < 1 or y.max() > classes:
+        raise DataError(
+            f"{path}: {name} has labels {int(y.min())}..{int(y.max())}, expected 1..{classes}"
+        )
+    return y.astype(np.int64)
+
+
+def load_dataset(
+    path: str | Path, *, classes: int = 10, n_train: int = 1000, split_seed: int = 0
+) -> Dataset:
+    """Read and validate a data set in the lab's layout.
+
+    ``.npz``: arrays ``X_train`` (d, n), ``y_train`` (n, 1), ``X_test`` (d, m), ``y_test`` (m, 1),
+    the lab's ``nn_train_test_sets.npz``. ``.mat``: Coursera's ``ex4data1.mat``, ``X`` (N, d)
+    examples x features and ``y`` (N, 1); it is shuffled with ``split_seed`` and its first
+    ``n_train`` examples train, the rest test (5,000 -> 1,000 / 4,000 as in the lab).
+    Labels are 1..``classes`` in files (10 stands for the digit 0, as in the lab).
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".npz", ".mat"):
+        raise DataError(f"{path}: not an .npz or .mat file (expected one of those suffixes)")
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    if suffix == ".npz":
+        arrays = read_arrays(path, LAB_KEYS)
+        X_train = _features(path, "X_train", arrays["X_train"])
+        X_test = _features(path, "X_test", arrays["X_test"])
+        y_train = _labels(path, "y_train", arrays["y_train"], X_train.shape[1], classes)
+        y_test = _labels(path, "y_test", arrays["y_test"], X_test.shape[1], classes)
+    else:
+        arrays = _read_mat(path)
+        missing = [k for k in ("X", "y") if k not in arrays]
+        if missing:
+            found = ", ".join(arrays) or "none"
+            raise DataError(f"{path}: missing variable(s) {', '.join(missing)} (found: {found})")
+        X = _features(path, "X", np.asarray(arrays["X"])).T  # examples x features -> (d, N)
+        y = _labels(path, "y", np.asarray(arrays["y"]), X.shape[1], classes)
+        if not 1 <= n_train < X.shape[1]:
+            raise DataError(
+                f"{path}: cannot split {X.shape[1]} examples into {n_train} for training "
+                "and at least one for testing (data.n_train)"
+            )
+        order = np.random.default_rng(split_seed).permutation(X.shape[1])
+        train, test = order[:n_train], order[n_train:]
+        X_train, y_train, X_test, y_test = X[:, train], y[train], X[:, test], y[test]
+    if X_train.shape[0] != X_test.shape[0]:
+        raise DataError(
+            f"{path}: X_train has {X_train.shape[0]} features but X_test has {X_test.shape[0]}"
+        )
+    return Dataset(X_train, y_train, X_test, y_test)
+
+
+def image_shape(d: int, given: str = "auto", *, source: str = "data") -> tuple[int, int]:
+    """The (height, width) of the images whose ``d`` pixels are stored column-major.
+
+    ``given`` is ``"auto"`` (square images) or ``"HxW"``; ``source`` names where ``d`` came from.
+    """
+    if given == "auto":
+        side = math.isqrt(d)
+        if side * side != d:
+            raise DataError(
+                f"{source}: {d} features is not a square image; set data.image_shape to HxW"
+            )
+        return side, side
+    try:
+        h, w = (int(v) for v in given.lower().split("x"))
+    except ValueError:
+        raise DataError(f"data.image_shape: expected 'auto' or HxW, got {given!r}") from None
+    if h < 1 or w < 1 or h * w != d:
+        raise DataError(f"data.image_shape: {given} does not hold the {d} features of {source}")
+    return h, w
+
+
+def read_prepared(folder: str | Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The ``train.npz`` and ``test.npz`` written by the prepare stage."""
+    folder = Path(folder)
+    train = read_arrays(folder / "train.npz", ("X", "Y", "y", "image_shape"))
+    test = read_arrays(folder / "test.npz", ("X", "y"))
+    return train, test
+
+
+def read_model(path: str | Path) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
+    """Weights ``[W1, ..., WL]`` and the metadata arrays of a model written by the train stage."""
+    arrays = read_arrays(path, ("W1", "lamb"))
+    count = sum(1 for k in arrays if k[:1] == "W" and k[1:].isdigit())
+    weights = [arrays.pop(f"W{i}") for i in range(1, count + 1)]
+    return weights, arrays
+
+
+def read_history(path: str | Path) -> dict[str, list[float]]:
+    """A training history (JSON rows of step, loss, train_acc, test_acc) as columns."""
+    import json
+
+    path = Path(path)
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: not a readable history ({_first_line(e)})") from None
+    return {key: [row[key] for row in rows] for key in ("step", "loss", "train_acc", "test_acc")}
+
+
+def read_models(folder: str | Path) -> dict[str, tuple[list[np.ndarray], dict[str, np.ndarray]]]:
+    """Every ``NAME.npz`` model in ``folder`` by name, in the lab's order: smaller networks
+    first, then more regularization."""
+    models = {p.stem: read_model(p) for p in sorted(Path(folder).glob("*.npz"))}
+    if not models:
+        raise DataError(f"{folder}: no trained model (*.npz) found")
+
+    def lab_order(name: str) -> tuple:
+        _, meta = models[name]
+        return list(meta["sizes"]), float(meta["lamb"]), name
+
+    return {name: models[name] for name in sorted(models, key=lab_order)}

@@ -1,0 +1,63 @@
+"""Stage `evaluate`: accuracies, loss and confusion matrix of every trained configuration.
+
+``--metrics`` (JSON, DVC metrics) maps each configuration to ``train_acc``, ``test_acc`` (percent)
+and ``loss`` (the lab's training cost, regularization included); ``--table`` is the lab's results
+table in Markdown; ``--confusion`` holds each test confusion matrix (rows: true class 1..K).
+"""
+
+import click
+import numpy as np
+
+from nnbp.backprop import accuracy, loss, predict
+from nnbp.cli import user_errors
+from nnbp.data import read_models, read_prepared
+from nnbp.io import write_json, write_text
+
+
+@click.command()
+@click.option("--prepared", type=click.Path(file_okay=False), required=True)
+@click.option("--models", "models_dir", type=click.Path(file_okay=False), required=True)
+@click.option("--metrics", "metrics_path", type=click.Path(dir_okay=False), required=True)
+@click.option("--table", "table_path", type=click.Path(dir_okay=False), required=True)
+@click.option("--confusion", "confusion_path", type=click.Path(dir_okay=False), required=True)
+@user_errors
+def main(
+    prepared: str, models_dir: str, metrics_path: str, table_path: str, confusion_path: str
+) -> None:
+    train, test = read_prepared(prepared)
+    K = train["Y"].shape[0]
+    models = read_models(models_dir)  # in the lab's order
+
+    metrics, confusion = {}, {}
+    rows = [
+        "| configuration | layers | lamb | train acc (%) | test acc (%) | loss |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for name in models:
+        weights, meta = models[name]
+        lamb = float(meta["lamb"])
+        y_pred = predict(weights, test["X"])
+        m = {
+            "train_acc": round(accuracy(predict(weights, train["X"]), train["y"]), 4),
+            "test_acc": round(accuracy(y_pred, test["y"]), 4),
+            "loss": round(loss(weights, train["X"], train["Y"], lamb), 6),
+        }
+        metrics[name] = m
+        matrix = np.zeros((K, K), dtype=np.int64)
+        np.add.at(matrix, (test["y"], y_pred), 1)
+        confusion[name] = matrix.tolist()
+        layers = "-".join(str(s) for s in meta["sizes"])
+        rows.append(
+            f"| {name} | {layers} | {lamb:g} | {m['train_acc']:.2f} | "
+            f"{m['test_acc']:.2f} | {m['loss']:.4f} |"
+        )
+        click.echo(
+            f"{name}: train {m['train_acc']:.2f}%, test {m['test_acc']:.2f}%, loss {m['loss']:.4f}"
+        )
+    write_json(confusion_path, confusion)
+    write_text(table_path, "\n".join(rows) + "\n")
+    write_json(metrics_path, metrics)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Stage `render`: the PNG figures of the lab under ``--out-dir``.
+
+``train_images.png`` and ``test_images.png`` (100 random images each, section 2),
+``features.png`` (the first-layer features of every configuration side by side, section 7) and
+``curves.png`` (loss and accuracies against iterations, every configuration on one chart).
+"""
+
+from pathlib import Path
+
+import click
+import numpy as np
+
+from nnbp import plots
+from nnbp.cli import user_errors
+from nnbp.data import load_dataset, read_history, read_models, read_prepared
+
+
+@click.command()
+@click.option("--data", "data_path", required=True, help="The raw data file (data.path).")
+@click.option("--classes", type=click.IntRange(min=2), default=10, show_default=True)
+@click.option("--n-train", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--split-seed", type=int, default=0, show_default=True)
+@click.option("--prepared", type=click.Path(file_okay=False), required=True)
+@click.option("--models", "models_dir", type=click.Path(file_okay=False), required=True)
+@click.option("--histories", "history_dir", type=click.Path(file_okay=False), required=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Picks the shown images.")
+@click.option("--out-dir", type=click.Path(file_okay=False), required=True)
+@user_errors
+def main(
+    data_path: str,
+    classes: int,
+    n_train: int,
+    split_seed: int,
+    prepared: str,
+    models_dir: str,
+    history_dir: str,
+    seed: int,
+    out_dir: str,
+) -> None:
+    ds = load_dataset(data_path, classes=classes, n_train=n_train, split_seed=split_seed)
+    train, _ = read_prepared(prepared)
+    shape = tuple(int(s) for s in train["image_shape"])
+    models = read_models(models_dir)  # in the lab's order
+    histories = {name: read_history(Path(history_dir) / f"{name}.json") for name in models}
+
+    rng = np.random.default_rng(seed)
+    figures = {}
+    for split, X in (("train", ds.X_train), ("test", ds.X_test)):
+        shown = rng.choice(X.shape[1], size=min(100, X.shape[1]), replace=False)
+        figures[f"{split}_images.png"] = plots.image_grid(
+            X[:, shown], shape, f"{split.capitalize()} data"
+        )
+    figures["features.png"] = plots.feature_grids({n: models[n][0][0] for n in models}, shape)
+    figures["curves.png"] = plots.curves(histories)
+    for filename, fig in figures.items():
+        plots.save(fig, Path(out_dir) / filename)
+    click.echo(f"{out_dir}: {', '.join(figures)}")
+
+
+if __name__ == "__main__":
+    main()
