@@ -1,0 +1,181 @@
+"""The whole pipeline, run by DVC as a user runs it, in a temporary copy of the repository.
+
+One module-scoped copy is reproduced once with few iterations; the tests then check what a new
+user checks: outputs, a no-op second run, bitwise reproducibility, experiments, and the MLflow
+store. They are slow (a minute or two) and marked so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ITERS, LOG_EVERY = 40, 20
+CONFIGS = ("h25", "h100", "h100_l2")
+
+pytestmark = pytest.mark.slow
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env.pop("NNBP_TRACKING", None)
+    # DVC runs `python stages/...`: make it this interpreter.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True)
+    assert result.returncode == 0, f"{args} failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def _dvc(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return _run([sys.executable, "-m", "dvc", *args], cwd)
+
+
+def copy_repo(dest: Path, *, iters: int = ITERS, log_every: int = LOG_EVERY) -> Path:
+    """The committed and working-tree files of this repository, committed in a new git repo,
+    with a short training run so that the whole pipeline takes seconds."""
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\0")
+    for name in filter(None, files):
+        src = REPO / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    params = dest / "params.yaml"
+    text = params.read_text()
+    text = text.replace("\niters: 5000 ", f"\niters: {iters} ")
+    text = text.replace("\nlog_every: 500 ", f"\nlog_every: {log_every} ")
+    params.write_text(text)
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "copy"]):
+        _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], dest)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = copy_repo(tmp_path_factory.mktemp("pipeline"))
+    _dvc(root, "repro")
+    return root
+
+
+def _metrics(root: Path) -> dict[str, dict[str, float]]:
+    return json.loads((root / "reports" / "metrics.json").read_text())
+
+
+def _runs(root: Path) -> list[tuple[str, str, str]]:
+    """(run name, status, run id) of every MLflow run in the default store, oldest first."""
+    with sqlite3.connect(root / "mlflow.db") as db:
+        return db.execute("SELECT name, status, run_uuid FROM runs ORDER BY start_time").fetchall()
+
+
+def test_repro_writes_every_output(repo: Path) -> None:
+    metrics = _metrics(repo)
+    assert list(metrics) == list(CONFIGS)
+    for name in CONFIGS:
+        assert set(metrics[name]) == {"train_acc", "test_acc", "loss"}
+        assert (repo / "models" / f"{name}.npz").is_file()
+        history = json.loads((repo / "reports" / "history" / f"{name}.json").read_text())
+        assert [row["step"] for row in history] == list(range(0, ITERS + 1, LOG_EVERY))
+    for figure in ("train_images", "test_images", "features", "curves"):
+        assert (repo / "reports" / "figures" / f"{figure}.png").stat().st_size > 1000
+    assert "| h100_l2 | 64-100-10 | 0.005 |" in (repo / "reports" / "results.md").read_text()
+    # 40 iterations are enough to learn something on the digits
+    assert all(metrics[name]["test_acc"] > 30 for name in CONFIGS)
+
+
+def test_second_repro_runs_nothing(repo: Path) -> None:
+    out = _dvc(repo, "repro").stdout
+    assert "Running stage" not in out
+    assert "up to date" in out
+
+
+def test_forced_repro_is_bitwise_identical(repo: Path) -> None:
+    lock = (repo / "dvc.lock").read_bytes()
+    metrics = (repo / "reports" / "metrics.json").read_bytes()
+    _dvc(repo, "repro", "-f")
+    assert (repo / "dvc.lock").read_bytes() == lock
+    assert (repo / "reports" / "metrics.json").read_bytes() == metrics
+
+
+def test_each_configuration_is_one_finished_mlflow_run_with_step_metrics(repo: Path) -> None:
+    runs = _runs(repo)
+    first = runs[:3]
+    assert [name for name, _, _ in first] == list(CONFIGS)
+    assert all(status == "FINISHED" for _, status, _ in first)
+    with sqlite3.connect(repo / "mlflow.db") as db:
+        for name, _, run_id in first:
+            steps = db.execute(
+                "SELECT key, step FROM metrics WHERE run_uuid = ? ORDER BY key, step", (run_id,)
+            ).fetchall()
+            for key in ("loss", "train_acc", "test_acc"):
+                assert [s for k, s in steps if k == key] == list(range(0, ITERS + 1, LOG_EVERY))
+            params = dict(db.execute("SELECT key, value FROM params WHERE run_uuid = ?", (run_id,)))
+            assert params["config"] == name
+            assert params["lamb"] == ("0.005" if name == "h100_l2" else "0.0")
+            assert len(params["data_md5"]) == 32
+            tags = dict(db.execute("SELECT key, value FROM tags WHERE run_uuid = ?", (run_id,)))
+            assert len(tags["git_commit"]) == 40
+            artifacts = db.execute(
+                "SELECT artifact_uri FROM runs WHERE run_uuid = ?", (run_id,)
+            ).fetchone()[0]
+            folder = Path(artifacts.removeprefix("file://"))
+            assert folder.is_relative_to(repo / "mlartifacts")
+            found = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+            assert found == {
+                "figures/features.png",
+                "figures/curves.png",
+                f"model/{name}.npz",
+                f"history/{name}.json",
+            }
+
+
+def test_exp_run_lamb_changes_only_the_unpinned_configurations(repo: Path) -> None:
+    before = _metrics(repo)
+    _dvc(repo, "exp", "run", "-S", "lamb=0.005", "--name", "all-l2")
+    after = _metrics(repo)
+    assert after["h100_l2"] == before["h100_l2"]
+    for name in ("h25", "h100"):
+        assert after[name]["loss"] != before[name]["loss"]
+    # h100 with lamb 0.005 is exactly the h100_l2 configuration
+    assert after["h100"] == after["h100_l2"]
+    tagged = _runs(repo)[-3:]
+    with sqlite3.connect(repo / "mlflow.db") as db:
+        for _, _, run_id in tagged:
+            tag = db.execute(
+                "SELECT value FROM tags WHERE run_uuid = ? AND key = 'dvc_experiment'", (run_id,)
+            ).fetchone()
+            assert tag == ("all-l2",)
+
+
+def test_exp_run_gradient_seed_changes_every_configuration(repo: Path) -> None:
+    _dvc(repo, "exp", "run", "-S", "gradient=seed", "-S", "lamb=0.0")
+    seed = _metrics(repo)
+    _dvc(repo, "exp", "run", "-S", "gradient=exact")
+    exact = _metrics(repo)
+    for name in CONFIGS:
+        assert seed[name]["loss"] != exact[name]["loss"]
+
+
+def test_temp_experiment_logs_to_the_workspace_store(repo: Path) -> None:
+    count = len(_runs(repo))
+    _dvc(repo, "exp", "run", "--temp", "-S", "seed=1")
+    runs = _runs(repo)
+    assert len(runs) == count + 3
+    assert [name for name, _, _ in runs[-3:]] == list(CONFIGS)
+    assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
