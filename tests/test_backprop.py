@@ -1,0 +1,341 @@
+"""Tests for nnbp.backprop: gradients, the lab-order rule, fit's contract and the helpers."""
+
+import warnings
+from itertools import pairwise
+
+import numpy as np
+import pytest
+from scipy.special import expit
+
+from nnbp.backprop import (
+    DivergenceError,
+    LogPoint,
+    accuracy,
+    fit,
+    forward,
+    gradients,
+    init_weights,
+    loss,
+    one_hot,
+    sigmoid,
+    zscore,
+)
+from tests.lab_loop import lab_train
+
+
+def _problem(sizes, n, seed=0, dtype="float64"):
+    """Seeded z-scored random data (d, n), one-hot targets (K, n), labels and initial weights."""
+    rng = np.random.default_rng(seed)
+    X = zscore(rng.normal(size=(sizes[0], n)))
+    y = rng.integers(0, sizes[-1], n)
+    return X, one_hot(y, sizes[-1]), y, init_weights(sizes, rng, dtype)
+
+
+def _max_abs_diff(A, B):
+    return max(float(np.max(np.abs(a - b))) for a, b in zip(A, B, strict=True))
+
+
+# --- gradients -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sizes", [[6, 5, 3], [6, 5, 4, 3]], ids=["1hidden", "2hidden"])
+@pytest.mark.parametrize("lamb", [0.0, 0.01])
+def test_gradients_match_central_finite_differences_of_loss(sizes, lamb):
+    X, Y, _, W = _problem(sizes, n=7, seed=1)
+    G = gradients(W, X, Y, lamb)
+    h = 1e-6
+    num, ana = [], []
+    for l, Wl in enumerate(W):
+        assert G[l].shape == Wl.shape
+        for idx in np.ndindex(Wl.shape):
+            old = Wl[idx]
+            Wl[idx] = old + h
+            up = loss(W, X, Y, lamb)
+            Wl[idx] = old - h
+            down = loss(W, X, Y, lamb)
+            Wl[idx] = old
+            num.append((up - down) / (2 * h))
+            ana.append(G[l][idx])
+    num, ana = np.array(num), np.array(ana)
+    rel = np.linalg.norm(num - ana) / (np.linalg.norm(num) + np.linalg.norm(ana))
+    assert rel < 1e-6
+
+
+def test_gradients_do_not_modify_weights():
+    X, Y, _, W = _problem([6, 5, 3], n=7)
+    before = [w.copy() for w in W]
+    gradients(W, X, Y, 0.1)
+    assert all(np.array_equal(a, b) for a, b in zip(W, before, strict=True))
+
+
+# --- the two update rules --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lamb", [0.0, 0.005])
+def test_seed_rule_reproduces_lab_loop(lamb):
+    X, Y, _, W = _problem([400, 25, 10], n=200, seed=2)
+    lab = lab_train(X, Y, W[0].copy(), W[1].copy(), tau=0.2, lamb=lamb, iters=500)
+    ours = fit(X, Y, W, tau=0.2, lamb=lamb, iters=500, gradient="seed")
+    assert _max_abs_diff(ours, lab) < 1e-9
+    # the comparison is not vacuous: the weights did move
+    assert _max_abs_diff(lab, W) > 1e-2
+
+
+def test_exact_and_seed_rules_differ_and_both_reduce_loss():
+    X, Y, _, W = _problem([40, 12, 5], n=60, seed=3)
+    kw = dict(tau=0.2, lamb=0.001, iters=100)
+    exact = fit(X, Y, W, gradient="exact", **kw)
+    seed = fit(X, Y, W, gradient="seed", **kw)
+    assert _max_abs_diff(exact, seed) > 1e-3
+    l0 = loss(W, X, Y, 0.001)
+    assert loss(exact, X, Y, 0.001) < 0.9 * l0
+    assert loss(seed, X, Y, 0.001) < 0.9 * l0
+
+
+@pytest.mark.parametrize("sizes", [[6, 5, 3], [6, 5, 4, 3]], ids=["1hidden", "2hidden"])
+def test_exact_step_is_weights_minus_tau_times_gradients(sizes):
+    X, Y, _, W = _problem(sizes, n=9, seed=4)
+    tau, lamb = 0.3, 0.02
+    G = gradients(W, X, Y, lamb)
+    expected = [w - tau * g for w, g in zip(W, G, strict=True)]
+    stepped = fit(X, Y, W, tau=tau, lamb=lamb, iters=1, gradient="exact")
+    for s, e in zip(stepped, expected, strict=True):
+        np.testing.assert_allclose(s, e, rtol=0, atol=1e-15)
+
+
+# --- shapes and initialisation ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sizes", [[400, 25, 10], [400, 100, 50, 10]])
+def test_shapes_of_weights_activations_and_fit_output(sizes):
+    n = 30
+    X, Y, _, W = _problem(sizes, n=n, seed=5)
+    assert [w.shape for w in W] == [(b, a + 1) for a, b in pairwise(sizes)]
+    assert all(w.dtype == np.float64 for w in W)
+    for a, w in zip(sizes, W, strict=False):
+        bound = 2 / np.sqrt(a)
+        assert np.abs(w).max() <= bound
+        assert np.abs(w).max() > 0.9 * bound  # the range is actually used
+    acts = forward(W, X)
+    assert [a.shape for a in acts] == [(s, n) for s in sizes]
+    assert np.array_equal(acts[0], X)
+    for gradient in ("exact", "seed"):
+        out = fit(X, Y, W, tau=0.1, iters=3, gradient=gradient)
+        assert [w.shape for w in out] == [w.shape for w in W]
+
+
+@pytest.mark.parametrize("bad", [[400], [400, 0, 10], []])
+def test_init_weights_rejects_bad_sizes(bad):
+    with pytest.raises(ValueError):
+        init_weights(bad, np.random.default_rng(0))
+
+
+# --- determinism and dtype -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_fit_is_deterministic_and_returns_requested_dtype(dtype):
+    runs = []
+    for _ in range(2):
+        X, Y, _, W = _problem([50, 20, 10], n=80, seed=6)
+        runs.append(fit(X, Y, W, tau=0.2, lamb=0.005, iters=50, dtype=dtype))
+    for a, b in zip(*runs, strict=True):
+        assert a.dtype == np.dtype(dtype)
+        assert np.array_equal(a, b)
+
+
+def test_float32_init_weights_are_float32():
+    W = init_weights([5, 4, 3], np.random.default_rng(0), "float32")
+    assert all(w.dtype == np.float32 for w in W)
+
+
+# --- callback / LogPoint ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("iters", "expected"), [(10, [0, 3, 6, 9, 10]), (9, [0, 3, 6, 9])])
+def test_callback_called_every_log_every_and_at_the_end(iters, expected):
+    X, Y, _, W = _problem([20, 8, 4], n=40, seed=7)
+    X_test, _, y_test, _ = _problem([20, 8, 4], n=15, seed=8)
+    points: list[LogPoint] = []
+    kw = dict(tau=0.2, lamb=0.01, log_every=3)
+    fit(X, Y, W, iters=iters, X_test=X_test, y_test=y_test, callback=points.append, **kw)
+    assert [p.iteration for p in points] == expected
+    for p in points:
+        Wt = fit(X, Y, W, iters=p.iteration, **kw)
+        assert p.loss == pytest.approx(loss(Wt, X, Y, 0.01), rel=1e-12)
+        assert p.train_acc == accuracy(np.argmax(forward(Wt, X)[-1], axis=0), np.argmax(Y, 0))
+        assert p.test_acc == accuracy(np.argmax(forward(Wt, X_test)[-1], axis=0), y_test)
+        assert 0 <= p.train_acc <= 100
+
+
+def test_callback_test_acc_is_none_without_test_set():
+    X, Y, _, W = _problem([20, 8, 4], n=40, seed=7)
+    points: list[LogPoint] = []
+    fit(X, Y, W, tau=0.2, iters=4, log_every=2, callback=points.append)
+    assert [p.iteration for p in points] == [0, 2, 4]
+    assert all(p.test_acc is None for p in points)
+
+
+# --- divergence ------------------------------------------------------------------------------
+
+
+# fit lets NumPy's overflow/invalid RuntimeWarnings through on the way to DivergenceError.
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_divergence_error_carries_iteration_and_input_weights_untouched():
+    X, Y, _, W = _problem([20, 8, 4], n=30, seed=9)
+    before = [w.copy() for w in W]
+    kw = dict(tau=0.2, lamb=100.0)
+    with pytest.raises(DivergenceError) as info:
+        fit(X, Y, W, iters=10_000, **kw)
+    t = info.value.iteration
+    assert 0 < t < 10_000
+    assert all(np.array_equal(a, b) for a, b in zip(W, before, strict=True))
+    # the iteration is the first one whose outputs are non-finite
+    last_ok = fit(X, Y, W, iters=t - 1, **kw)
+    assert all(np.isfinite(w).all() for w in last_ok)
+    with pytest.raises(DivergenceError) as again:
+        fit(X, Y, W, iters=t, **kw)
+    assert again.value.iteration == t
+    assert isinstance(info.value, ArithmeticError)
+
+
+def test_fit_does_not_modify_input_weights():
+    X, Y, _, W = _problem([20, 8, 4], n=30, seed=10)
+    before = [w.copy() for w in W]
+    for gradient in ("exact", "seed"):
+        fit(X, Y, W, tau=0.2, lamb=0.01, iters=5, gradient=gradient)
+    assert all(np.array_equal(a, b) for a, b in zip(W, before, strict=True))
+
+
+# --- argument validation ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kw", [dict(gradient="adam"), dict(dtype="float16"), dict(dtype="int")])
+def test_fit_rejects_unknown_gradient_rule_or_dtype(kw):
+    X, Y, _, W = _problem([5, 4, 3], n=6)
+    with pytest.raises(ValueError):
+        fit(X, Y, W, tau=0.1, iters=1, **kw)
+
+
+# --- one_hot ---------------------------------------------------------------------------------
+
+
+def test_one_hot_shape_and_absent_classes():
+    Y = one_hot(np.array([0, 2, 2, 4]), 6)
+    assert Y.shape == (6, 4)
+    assert np.array_equal(Y.sum(axis=0), np.ones(4))
+    assert np.array_equal(np.argmax(Y, axis=0), [0, 2, 2, 4])
+    assert not Y[[1, 3, 5]].any()  # absent classes are zero rows
+
+
+def test_one_hot_accepts_column_vector_and_single_example():
+    y = np.array([1, 0, 2])
+    assert np.array_equal(one_hot(y.reshape(-1, 1), 3), one_hot(y, 3))
+    single = one_hot(np.array([2]), 3)
+    assert single.shape == (3, 1)
+    assert np.array_equal(single[:, 0], [0, 0, 1])
+
+
+@pytest.mark.parametrize("y", [[0, 3], [-1, 0], [0.0, 1.0], [0.5]])
+def test_one_hot_rejects_out_of_range_and_non_integer(y):
+    with pytest.raises(ValueError):
+        one_hot(np.array(y), 3)
+
+
+# --- zscore ----------------------------------------------------------------------------------
+
+
+def test_zscore_per_example_standardises_each_column():
+    X = np.random.default_rng(11).normal(3.0, 5.0, (50, 8))
+    Z = zscore(X, "per_example")
+    assert Z.shape == X.shape
+    np.testing.assert_allclose(Z.mean(axis=0), 0, atol=1e-12)
+    np.testing.assert_allclose(Z.std(axis=0), 1, rtol=1e-12)
+
+
+def test_zscore_per_feature_uses_reference_statistics():
+    rng = np.random.default_rng(12)
+    train = rng.normal(2.0, 3.0, (4, 100))
+    test = rng.normal(-1.0, 0.5, (4, 20))
+    Z_train = zscore(train, "per_feature")
+    np.testing.assert_allclose(Z_train.mean(axis=1), 0, atol=1e-12)
+    np.testing.assert_allclose(Z_train.std(axis=1), 1, rtol=1e-12)
+    Z_test = zscore(test, "per_feature", reference=train)
+    mu, sd = train.mean(axis=1, keepdims=True), train.std(axis=1, keepdims=True)
+    np.testing.assert_allclose(Z_test, (test - mu) / sd, rtol=1e-12)
+    assert abs(Z_test.mean()) > 0.5  # not standardised by its own statistics
+
+
+def test_zscore_constant_image_and_constant_feature_give_zeros():
+    X = np.random.default_rng(13).normal(size=(5, 6))
+    X[:, 2] = 7.0  # constant image (column)
+    Z = zscore(X, "per_example")
+    assert np.isfinite(Z).all()
+    assert np.array_equal(Z[:, 2], np.zeros(5))
+    X = np.random.default_rng(13).normal(size=(5, 6))
+    X[3] = -4.0  # constant feature (row)
+    Z = zscore(X, "per_feature")
+    assert np.isfinite(Z).all()
+    assert np.array_equal(Z[3], np.zeros(6))
+
+
+def test_zscore_single_example():
+    x = np.array([[1.0], [2.0], [3.0], [6.0]])
+    z = zscore(x, "per_example")
+    assert z.shape == (4, 1)
+    assert z.mean() == pytest.approx(0, abs=1e-15)
+    assert z.std() == pytest.approx(1)
+    assert np.array_equal(zscore(x, "per_feature"), np.zeros((4, 1)))
+
+
+def test_zscore_returns_new_float64_array():
+    X = np.arange(12, dtype=np.int64).reshape(3, 4)
+    Z = zscore(X)
+    assert Z.dtype == np.float64
+    assert np.array_equal(X, np.arange(12).reshape(3, 4))
+
+
+def test_zscore_rejects_unknown_mode():
+    with pytest.raises(ValueError):
+        zscore(np.ones((2, 2)), "per_pixel")
+
+
+# --- sigmoid and accuracy --------------------------------------------------------------------
+
+
+def test_sigmoid_matches_expit_without_warnings():
+    z = np.concatenate([np.linspace(-1000, 1000, 200_001), [-1000.0, 1000.0, 0.0, -745.2, 710.0]])
+    with warnings.catch_warnings(), np.errstate(over="raise", invalid="raise", divide="raise"):
+        warnings.simplefilter("error")
+        ours = sigmoid(z)
+    ref = expit(z)
+    assert not np.shares_memory(ours, z)
+    assert ours[-5:-2].tolist() == [0.0, 1.0, 0.5]
+    # both are within ~2 ulp of the true value, so within 4 ulp of each other
+    normal = ref >= np.finfo(np.float64).tiny
+    np.testing.assert_array_max_ulp(ours[normal], ref[normal], maxulp=4)
+    # below the normal range only the absolute error means anything
+    assert np.max(np.abs(ours - ref)) <= np.finfo(np.float64).eps
+
+
+def test_sigmoid_in_place():
+    z = np.linspace(-50, 50, 1001)
+    ref = expit(z)
+    out = sigmoid(z, out=z)
+    assert out is z
+    np.testing.assert_array_max_ulp(z, ref, maxulp=4)
+
+
+def test_sigmoid_float32_keeps_dtype():
+    z = np.linspace(-200, 200, 1001, dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = sigmoid(z)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, expit(z.astype(np.float64)), rtol=1e-6, atol=1e-30)
+
+
+def test_accuracy_percentages():
+    assert accuracy(np.array([0, 1, 2, 3]), np.array([0, 1, 0, 3])) == 75.0
+    assert accuracy(np.array([1, 1]), np.array([1, 1])) == 100.0
+    assert accuracy(np.array([[0], [2]]), np.array([1, 0])) == 0.0
