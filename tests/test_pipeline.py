@@ -8,68 +8,27 @@ store. They are slow (a minute or two) and marked so.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import clean_env, copy_repo, dvc
+
 ITERS, LOG_EVERY = 40, 20
 CONFIGS = ("h25", "h100", "h100_l2")
+TRACKED = clean_env(NNBP_TRACKING="on")  # the default store: mlflow.db in the copy
 
 pytestmark = pytest.mark.slow
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env.pop("NNBP_TRACKING", None)
-    # DVC runs `python stages/...`: make it this interpreter.
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return env
-
-
-def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True)
-    assert result.returncode == 0, f"{args} failed:\n{result.stdout}\n{result.stderr}"
-    return result
-
-
-def _dvc(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return _run([sys.executable, "-m", "dvc", *args], cwd)
-
-
-def copy_repo(dest: Path, *, iters: int = ITERS, log_every: int = LOG_EVERY) -> Path:
-    """The committed and working-tree files of this repository, committed in a new git repo,
-    with a short training run so that the whole pipeline takes seconds."""
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard", "-z"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split("\0")
-    for name in filter(None, files):
-        src = REPO / name
-        if src.is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / name)
-    params = dest / "params.yaml"
-    text = params.read_text()
-    text = text.replace("\niters: 5000 ", f"\niters: {iters} ")
-    text = text.replace("\nlog_every: 500 ", f"\nlog_every: {log_every} ")
-    params.write_text(text)
-    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "copy"]):
-        _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], dest)
-    return dest
+def _dvc(root: Path, *args: str) -> str:
+    return dvc(root, *args, env=TRACKED)
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = copy_repo(tmp_path_factory.mktemp("pipeline"))
+    root = copy_repo(tmp_path_factory.mktemp("pipeline"), iters=ITERS, log_every=LOG_EVERY)
     _dvc(root, "repro")
     return root
 
@@ -100,7 +59,7 @@ def test_repro_writes_every_output(repo: Path) -> None:
 
 
 def test_second_repro_runs_nothing(repo: Path) -> None:
-    out = _dvc(repo, "repro").stdout
+    out = _dvc(repo, "repro")
     assert "Running stage" not in out
     assert "up to date" in out
 

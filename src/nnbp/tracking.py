@@ -13,6 +13,7 @@ untracked.
 
 from __future__ import annotations
 
+import http.client
 import os
 import subprocess
 import sys
@@ -71,7 +72,7 @@ def _check_reachable(uri: str) -> None:
         try:
             with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5) as response:
                 response.read()
-        except (urllib.error.URLError, OSError) as e:
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
             reason = getattr(e, "reason", e)
             raise TrackingError(
                 f"MLflow tracking server {uri} cannot be reached ({reason}); start it, fix "

@@ -1,0 +1,116 @@
+"""Shared fixtures: a throwaway copy of the repository to run the real pipeline in.
+
+DVC and the stage scripts must never run in the developer's workspace from a test (they would
+overwrite its outputs and its MLflow store), so the slow tests work in a copy: the tracked and the
+untracked, not ignored files, committed to a fresh git repository.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the venv's python, dvc and mlflow
+
+GIT_ID = ["-c", "user.name=nnbp tests", "-c", "user.email=tests@nnbp.invalid"]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment for a pipeline subprocess.
+
+    The venv first on PATH (dvc.yaml calls `python`), no inherited tracking store, DVC or git
+    state, DVC analytics off, tracking off unless ``extra`` sets it.
+    """
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MLFLOW_", "DVC_", "GIT_")) and k != "NNBP_TRACKING"
+    }
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["DVC_NO_ANALYTICS"] = "1"
+    env["NNBP_TRACKING"] = "off"
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def run(
+    cmd: list[str], cwd: Path, env: Mapping[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd``; on failure, fail the test with its output rather than a bare exit status."""
+    result = subprocess.run(
+        cmd, cwd=cwd, env=dict(env or clean_env()), capture_output=True, text=True, timeout=timeout
+    )
+    if result.returncode != 0:
+        pytest.fail(
+            f"{' '.join(map(str, cmd))} exited {result.returncode}\n"
+            f"--- stdout\n{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-4000:]}"
+        )
+    return result
+
+
+def git(repo: Path, *args: str) -> str:
+    return run(["git", *GIT_ID, *args], repo, clean_env()).stdout
+
+
+def dvc(repo: Path, *args: str, env: Mapping[str, str] | None = None) -> str:
+    return run([str(BIN / "dvc"), *args], repo, env or clean_env()).stdout
+
+
+def _source_files() -> list[str]:
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        env=clean_env(),
+    ).stdout
+    return sorted({p for p in listed.split("\0") if p and (ROOT / p).is_file()})
+
+
+def set_params(repo: Path, **updates: Any) -> None:
+    """Set top-level keys of the copy's params.yaml (its comments are lost; it is a copy)."""
+    path = repo / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    params.update(updates)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def copy_repo(dest: Path, **params: Any) -> Path:
+    """Copy the workspace to ``dest`` and commit it there; ``params`` set top-level params first.
+
+    Returns ``dest``, a git repository whose HEAD holds every source file and the workspace's
+    committed outputs (metrics, histories), with the given params already in its HEAD commit.
+    DVC outputs and caches are not copied: ``dvc repro`` there rebuilds everything from the
+    embedded data.
+    """
+    for rel in _source_files():
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, target)
+    if params:
+        set_params(dest, **params)
+    git(dest, "init", "--quiet", "--initial-branch=main")
+    git(dest, "add", "--all")
+    git(dest, "commit", "--quiet", "--no-verify", "-m", "copy of the workspace")
+    return dest
+
+
+@pytest.fixture
+def repo_copy(tmp_path: Path) -> Callable[..., Path]:
+    """``repo_copy(iters=20, log_every=10)``: a committed copy of the workspace (`copy_repo`)."""
+
+    def make(name: str = "repo", **params: Any) -> Path:
+        return copy_repo(tmp_path / name, **params)
+
+    return make
