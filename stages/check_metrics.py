@@ -27,7 +27,7 @@ from typing import Any
 import click
 import yaml
 
-from nnbp.cli import user_errors
+from nnbp.cli import Stage, user_errors
 
 # metric -> (params key, kind): "points" for an absolute fall of a percentage, "relative" for a
 # relative rise in percent. Only these metrics are gated; others in the files are ignored.
@@ -218,7 +218,7 @@ def table(checks: list[Check]) -> str:
     return "\n".join([line(head), rule + "|", *(line(r) for r in rows)])
 
 
-@click.command()
+@click.command(cls=Stage)
 @click.option(
     "--metrics",
     "metrics_path",

@@ -10,11 +10,11 @@ import click
 import numpy as np
 from sklearn.datasets import load_digits
 
-from nnbp.cli import user_errors
+from nnbp.cli import Stage, user_errors
 from nnbp.io import save_npz
 
 
-@click.command()
+@click.command(cls=Stage)
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="The .npz to write.")
 @click.option("--n-train", type=click.IntRange(1, 1796), default=1000, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split.")

@@ -9,12 +9,12 @@ import click
 import numpy as np
 
 from nnbp.backprop import accuracy, loss, predict
-from nnbp.cli import user_errors
+from nnbp.cli import Stage, user_errors
 from nnbp.data import read_models, read_prepared
-from nnbp.io import write_json, write_text
+from nnbp.io import atomic_paths, write_json, write_text
 
 
-@click.command()
+@click.command(cls=Stage)
 @click.option("--prepared", type=click.Path(file_okay=False), required=True)
 @click.option("--models", "models_dir", type=click.Path(file_okay=False), required=True)
 @click.option("--metrics", "metrics_path", type=click.Path(dir_okay=False), required=True)
@@ -54,9 +54,11 @@ def main(
         click.echo(
             f"{name}: train {m['train_acc']:.2f}%, test {m['test_acc']:.2f}%, loss {m['loss']:.4f}"
         )
-    write_json(confusion_path, confusion)
-    write_text(table_path, "\n".join(rows) + "\n")
-    write_json(metrics_path, metrics)
+    paths = (confusion_path, table_path, metrics_path)
+    with atomic_paths(*paths) as (confusion_tmp, table_tmp, metrics_tmp):  # all three or none
+        write_json(confusion_tmp, confusion)
+        write_text(table_tmp, "\n".join(rows) + "\n")
+        write_json(metrics_tmp, metrics)
 
 
 if __name__ == "__main__":

@@ -7,13 +7,13 @@ Writes ``train.npz`` (X (d, n) z-scored, Y (K, n) one-hot, y (n,) in 0..K-1, ima
 import click
 import numpy as np
 
-from nnbp.backprop import ZSCORE_MODES, one_hot, zscore
-from nnbp.cli import user_errors
-from nnbp.data import image_shape, load_dataset
-from nnbp.io import save_npz
+from nnbp.backprop import ZSCORE_MODES, one_hot
+from nnbp.cli import Stage, user_errors
+from nnbp.data import image_shape, load_dataset, standardise
+from nnbp.io import atomic_paths, save_npz
 
 
-@click.command()
+@click.command(cls=Stage)
 @click.option("--data", "path", required=True, help="The data file (.npz or .mat): data.path.")
 @click.option("--classes", type=click.IntRange(min=2), default=10, show_default=True)
 @click.option(
@@ -43,17 +43,18 @@ def main(
 ) -> None:
     ds = load_dataset(path, classes=classes, n_train=n_train, split_seed=split_seed)
     shape = image_shape(ds.X_train.shape[0], shape_spec, source=path)
-    X_train = zscore(ds.X_train, mode)
-    X_test = zscore(ds.X_test, mode, reference=ds.X_train)
+    X_train, X_test = standardise(ds, mode, source=path)
     y_train, y_test = ds.y_train - 1, ds.y_test - 1  # 1..K in files, 0..K-1 inside
-    save_npz(f"{out_dir}/test.npz", X=X_test, y=y_test)
-    save_npz(
-        f"{out_dir}/train.npz",
-        X=X_train,
-        Y=one_hot(y_train, classes),
-        y=y_train,
-        image_shape=np.array(shape),
-    )
+    # Both files or neither: a train.npz beside a stale test.npz would mislead every later stage.
+    with atomic_paths(f"{out_dir}/train.npz", f"{out_dir}/test.npz") as (train_tmp, test_tmp):
+        save_npz(
+            train_tmp,
+            X=X_train,
+            Y=one_hot(y_train, classes),
+            y=y_train,
+            image_shape=np.array(shape),
+        )
+        save_npz(test_tmp, X=X_test, y=y_test)
     click.echo(
         f"{path}: {X_train.shape[1]} training and {X_test.shape[1]} test examples, "
         f"{X_train.shape[0]} features ({shape[0]}x{shape[1]} images), {classes} classes"

@@ -11,11 +11,12 @@ import click
 import numpy as np
 
 from nnbp import plots
-from nnbp.cli import user_errors
+from nnbp.cli import Stage, user_errors
 from nnbp.data import load_dataset, read_history, read_models, read_prepared
+from nnbp.io import atomic_paths
 
 
-@click.command()
+@click.command(cls=Stage)
 @click.option("--data", "data_path", required=True, help="The raw data file (data.path).")
 @click.option("--classes", type=click.IntRange(min=2), default=10, show_default=True)
 @click.option("--n-train", type=click.IntRange(min=1), default=1000, show_default=True)
@@ -52,8 +53,9 @@ def main(
         )
     figures["features.png"] = plots.feature_grids({n: models[n][0][0] for n in models}, shape)
     figures["curves.png"] = plots.curves(histories)
-    for filename, fig in figures.items():
-        plots.save(fig, Path(out_dir) / filename)
+    with atomic_paths(*(Path(out_dir) / filename for filename in figures)) as tmps:  # all or none
+        for tmp, fig in zip(tmps, figures.values(), strict=True):
+            plots.save(fig, tmp)
     click.echo(f"{out_dir}: {', '.join(figures)}")
 
 

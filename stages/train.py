@@ -15,9 +15,9 @@ from tqdm import tqdm
 
 from nnbp import plots
 from nnbp.backprop import DTYPES, GRADIENT_RULES, DivergenceError, LogPoint, fit, init_weights
-from nnbp.cli import user_errors
+from nnbp.cli import FiniteFloatRange, Stage, user_errors
 from nnbp.data import read_prepared
-from nnbp.io import save_npz, write_json
+from nnbp.io import atomic_paths, save_npz, write_json
 from nnbp.tracking import Run
 
 
@@ -29,17 +29,18 @@ def _md5(path: str) -> str:
     return digest.hexdigest()
 
 
-@click.command()
+@click.command(cls=Stage)
 @click.option("--name", required=True, help="The configuration's name (a key of `configs`).")
 @click.option(
     "--hidden",
     type=click.IntRange(min=1),
     multiple=True,
-    required=True,
-    help="Hidden layer sizes, one --hidden per layer.",
+    help="Hidden layer sizes, one --hidden per layer (at least one).",
 )
-@click.option("--tau", type=click.FloatRange(min=0, min_open=True), required=True)
-@click.option("--lamb", type=click.FloatRange(min=0), required=True)
+@click.option(
+    "--tau", type=FiniteFloatRange(min=0, min_open=True), required=True, help="Learning rate."
+)
+@click.option("--lamb", type=FiniteFloatRange(min=0), required=True, help="L2 regularization.")
 @click.option("--iters", type=click.IntRange(min=1), required=True)
 @click.option("--seed", type=int, required=True, help="Seed of the initial weights.")
 @click.option("--gradient", type=click.Choice(GRADIENT_RULES), required=True)
@@ -65,9 +66,15 @@ def main(
     model_path: str,
     history_path: str,
 ) -> None:
+    if not hidden:
+        raise click.BadParameter(
+            "no hidden layer size given: `hidden` must list at least one size >= 1, e.g. [25]",
+            param_hint="'--hidden'",
+        )
     if log_every > iters:
         raise click.BadParameter(
-            f"{log_every} is more than iters ({iters})", param_hint="'--log-every'"
+            f"{log_every} is more than iters ({iters}); allowed: 1..{iters}",
+            param_hint="'--log-every'",
         )
     train, test = read_prepared(prepared)
     sizes = [train["X"].shape[0], *hidden, train["Y"].shape[0]]
@@ -88,25 +95,25 @@ def main(
         "n_train": train["X"].shape[1],
         "n_test": test["X"].shape[1],
     }
-    run = Run.start(name, params)  # fails here, before training, if the store is unusable
     history: list[dict[str, float | None]] = []
     bar = tqdm(total=iters, desc=name, unit="it", disable=None, leave=False)
-
-    def report(point: LogPoint) -> None:
-        row = {
-            "step": point.iteration,
-            "loss": point.loss,
-            "train_acc": point.train_acc,
-            "test_acc": point.test_acc,
-        }
-        history.append(row)
-        if run is not None:
-            run.log_metrics({k: v for k, v in row.items() if k != "step"}, step=point.iteration)
-        bar.update(point.iteration - bar.n)
-        bar.set_postfix(loss=f"{point.loss:.4f}", acc=f"{point.train_acc:.1f}")
-
+    run = Run.start(name, params)  # fails here, before training, if the store is unusable
     status = "FAILED"
     try:
+
+        def report(point: LogPoint) -> None:
+            row = {
+                "step": point.iteration,
+                "loss": point.loss,
+                "train_acc": point.train_acc,
+                "test_acc": point.test_acc,
+            }
+            history.append(row)
+            if run is not None:
+                run.log_metrics({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+            bar.update(point.iteration - bar.n)
+            bar.set_postfix(loss=f"{point.loss:.4f}", acc=f"{point.train_acc:.1f}")
+
         weights = fit(
             train["X"],
             train["Y"],
@@ -122,17 +129,22 @@ def main(
             callback=report,
         )
         bar.close()
-        save_npz(
-            model_path,
-            **{f"W{i}": W for i, W in enumerate(weights, 1)},
-            sizes=np.array(sizes),
-            lamb=np.float64(lamb),
-            tau=np.float64(tau),
-            iters=np.int64(iters),
-            gradient=np.str_(gradient),
-        )
-        write_json(history_path, history)
+        # The model and its history together, or neither.
+        with atomic_paths(model_path, history_path) as (model_tmp, history_tmp):
+            save_npz(
+                model_tmp,
+                **{f"W{i}": W for i, W in enumerate(weights, 1)},
+                sizes=np.array(sizes),
+                lamb=np.float64(lamb),
+                tau=np.float64(tau),
+                iters=np.int64(iters),
+                gradient=np.str_(gradient),
+            )
+            write_json(history_tmp, history)
         status = "FINISHED"
+        if run is not None:
+            shape = train["image_shape"]
+            _log_results(run, name, weights, history, shape, model_path, history_path)
     except DivergenceError as e:
         raise click.ClickException(
             f"configuration {name} diverged: non-finite loss at iteration {e.iteration} "
@@ -144,10 +156,6 @@ def main(
     finally:
         bar.close()
         if run is not None:
-            if status == "FINISHED":
-                _log_results(
-                    run, name, weights, history, train["image_shape"], model_path, history_path
-                )
             run.end(status)
 
     last = history[-1]

@@ -8,6 +8,7 @@ untracked, not ignored files, committed to a fresh git repository.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -79,11 +80,20 @@ def _source_files() -> list[str]:
 
 
 def set_params(repo: Path, **updates: Any) -> None:
-    """Set top-level keys of the copy's params.yaml (its comments are lost; it is a copy)."""
+    """Set top-level keys of the copy's params.yaml in place, keeping its comments."""
     path = repo / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    params.update(updates)
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    text = path.read_text()
+    for key, value in updates.items():
+        flow = yaml.safe_dump(value, default_flow_style=True).removesuffix("\n...\n").strip()
+        text, n = re.subn(
+            rf"^({re.escape(key)}:[ \t]*)[^#\n]*?([ \t]*(#.*)?)$",
+            lambda m, flow=flow: f"{m.group(1)}{flow}{m.group(2)}",
+            text,
+            count=1,
+            flags=re.M,
+        )
+        assert n == 1, f"{key} is not a top-level key of params.yaml"
+    path.write_text(text)
 
 
 def copy_repo(dest: Path, **params: Any) -> Path:

@@ -97,7 +97,10 @@ def zscore(
     ref = X if reference is None or mode == "per_example" else np.asarray(reference, np.float64)
     mean = ref.mean(axis=axis, keepdims=True)
     std = ref.std(axis=axis, keepdims=True)
-    std[std == 0] = 1.0
+    # A constant row or column can have a mean off by an ulp and a std of 1e-16 instead of 0.
+    constant = np.ptp(ref, axis=axis, keepdims=True) == 0
+    mean = np.where(constant, ref.take([0], axis=axis), mean)
+    std[constant | (std == 0)] = 1.0
     return (X - mean) / std
 
 

@@ -1,11 +1,24 @@
-"""What every stage script shares: one-line errors, and SIGTERM handled like Ctrl-C."""
+"""What every stage script shares: one-line errors, and SIGTERM handled like Ctrl-C.
+
+A stage is ``@click.command(cls=Stage)`` over a function decorated with ``@user_errors``:
+
+- a bad option (Click's usage errors: out of range, unknown choice, missing, misspelt) is one
+  line ``Error: Invalid value for '--tau': ...`` and exit status 2, without Click's usage lines;
+- bad data, an unusable tracking store, an output that cannot be written (read-only or full
+  disk) or running out of memory is one line ``Error: ...`` and exit status 1;
+- Ctrl-C is one line and exit status 130, SIGTERM likewise with 143.
+
+Outputs are written atomically (``nnbp.io``), so whatever was there before is left as it was.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
@@ -13,9 +26,84 @@ import click
 from nnbp.data import DataError
 from nnbp.tracking import TrackingError
 
+INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
+TERMINATED = 143  # 128 + SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every cleanup for an interruption runs."""
+
 
 def _sigterm(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM raises ``Terminated`` inside the block (the previous handler is restored)."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _sigterm)
+    except ValueError:  # not the main thread: signals cannot be handled here
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def fail(message: str, status: int = 1) -> None:
+    """Print ``Error: message`` as one line on stderr and exit with ``status``."""
+    click.echo(f"Error: {_one_line(message)}", err=True)
+    sys.exit(status)
+
+
+def interrupted(e: BaseException) -> None:
+    """Report an interruption in one line and exit 130 (Ctrl-C) or 143 (SIGTERM)."""
+    if any(isinstance(x, Terminated) for x in (e, e.__cause__, e.__context__)):
+        click.echo("terminated (SIGTERM): stopped; no output is half-written", err=True)
+        sys.exit(TERMINATED)
+    click.echo("interrupted (Ctrl-C): stopped; no output is half-written", err=True)
+    sys.exit(INTERRUPTED)
+
+
+class Stage(click.Command):
+    """A stage script's command: every error ends in one line on stderr and a non-zero exit."""
+
+    def main(  # type: ignore[override]
+        self,
+        args: Any = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            with _sigterm_interrupts():
+                status = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as e:  # UsageError (exit 2) included
+            fail(e.format_message(), e.exit_code)
+        except click.Abort as e:  # Click's wrapper of a KeyboardInterrupt outside the callback
+            interrupted(e)
+        except KeyboardInterrupt as e:
+            interrupted(e)
+        sys.exit(status if isinstance(status, int) else 0)
+
+
+class FiniteFloatRange(click.FloatRange):
+    """``click.FloatRange`` that also refuses ``nan`` and ``inf``."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{rv} is not a finite number.", param, ctx)
+        return rv
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -28,16 +116,19 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        signal.signal(signal.SIGTERM, _sigterm)
         try:
-            return fn(*args, **kwargs)
+            with _sigterm_interrupts():
+                return fn(*args, **kwargs)
         except (DataError, TrackingError) as e:
-            raise click.ClickException(str(e)) from None
+            raise click.ClickException(_one_line(e)) from None
         except OSError as e:
             where = f"{e.filename}: " if e.filename else ""
-            raise click.ClickException(f"{where}{e.strerror or e}") from None
-        except KeyboardInterrupt:
-            click.echo("interrupted: nothing was written", err=True)
-            sys.exit(130)
+            raise click.ClickException(_one_line(f"{where}{e.strerror or e}")) from None
+        except MemoryError:
+            raise click.ClickException(
+                "out of memory: the data or the network is too large for this machine"
+            ) from None
+        except KeyboardInterrupt as e:
+            interrupted(e)
 
     return wrapper

@@ -7,11 +7,13 @@ Arrays are read with ``allow_pickle=False``: an archive that carries a pickle is
 from __future__ import annotations
 
 import math
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
+
+from nnbp.backprop import zscore
 
 LAB_KEYS = ("X_train", "y_train", "X_test", "y_test")
 
@@ -36,9 +38,24 @@ def read_arrays(path: str | Path, keys: tuple[str, ...] = ()) -> dict[str, np.nd
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            if not isinstance(archive, np.lib.npyio.NpzFile):
-                raise DataError(f"{path}: a single .npy array, expected an .npz archive")
+        with path.open("rb") as f:  # ours to close: np.load leaks its file on a bad archive
+            return _read_npz(path, f, keys)
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror or _first_line(e)})") from None
+
+
+def _read_npz(path: Path, f: BinaryIO, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    magic = f.read(6)
+    f.seek(0)
+    if magic.startswith(b"\x93NUMPY"):
+        raise DataError(f"{path}: a single .npy array, expected an .npz archive")
+    if magic.startswith(b"\x80"):
+        raise DataError(f"{path}: a Python pickle, not an .npz archive; refused (never unpickled)")
+    if not magic.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        what = "an empty file" if not magic else "no zip signature"
+        raise DataError(f"{path}: not an .npz archive ({what})")
+    try:
+        with np.load(f, allow_pickle=False) as archive:
             missing = [k for k in keys if k not in archive.files]
             if missing:
                 found = ", ".join(archive.files) or "none"
@@ -56,7 +73,11 @@ def read_arrays(path: str | Path, keys: tuple[str, ...] = ()) -> dict[str, np.nd
             return arrays
     except DataError:
         raise
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as e:
+    except MemoryError:
+        raise DataError(f"{path}: an array is too large to load (corrupt header?)") from None
+    except Exception as e:
+        # NumPy and zipfile raise a zoo of types (BadZipFile, ValueError, EOFError, zlib.error,
+        # NotImplementedError for an unknown compression...) for a damaged archive.
         raise DataError(f"{path}: not a readable .npz archive ({_first_line(e)})") from None
 
 
@@ -97,10 +118,15 @@ def _labels(path: Path, name: str, y: np.ndarray, n: int, classes: int) -> np.nd
         raise DataError(f"{path}: {name} must be numeric, got dtype {y.dtype}")
     if y.ndim > 2 or (y.ndim == 2 and 1 not in y.shape):
         raise DataError(f"{path}: {name} must be a vector (n,) or (n, 1), got shape {y.shape}")
+    if np.iscomplexobj(y):
+        raise DataError(f"{path}: {name} must be real, got dtype {y.dtype}")
     y = y.reshape(-1)
     if y.size != n:
         raise DataError(f"{path}: {name} has {y.size} labels for {n} examples")
-    if not np.isfinite(y).all() or not np.array_equal(y, np.round(y)):
+    if not np.isfinite(y).all():
+        bad = int(np.count_nonzero(~np.isfinite(y)))
+        raise DataError(f"{path}: {name} has {bad} NaN or infinite value(s)")
+    if not np.array_equal(y, np.round(y)):
         raise DataError(f"{path}: {name} must hold whole numbers (class labels 1..{classes})")
     if y.min() < 1 or y.max() > classes:
         raise DataError(
@@ -155,11 +181,32 @@ def load_dataset(
     return Dataset(X_train, y_train, X_test, y_test)
 
 
+def standardise(ds: Dataset, mode: str, *, source: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """The z-scored ``(X_train, X_test)`` of ``ds`` (``backprop.zscore``; the test set with the
+    training statistics in ``per_feature`` mode), checked to be finite.
+
+    Finite data can still overflow: a mean or a variance beyond the float64 range, or a tiny
+    training spread that blows a test value up. That is a ``DataError`` naming ``source``.
+    """
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # checked below
+        X_train = zscore(ds.X_train, mode)
+        X_test = zscore(ds.X_test, mode, reference=ds.X_train)
+    for name, X in (("X_train", X_train), ("X_test", X_test)):
+        if not np.isfinite(X).all():
+            raise DataError(
+                f"{source}: {name} cannot be z-scored ({mode}): its values overflow float64; "
+                "rescale the data"
+            )
+    return X_train, X_test
+
+
 def image_shape(d: int, given: str = "auto", *, source: str = "data") -> tuple[int, int]:
     """The (height, width) of the images whose ``d`` pixels are stored column-major.
 
     ``given`` is ``"auto"`` (square images) or ``"HxW"``; ``source`` names where ``d`` came from.
     """
+    if d < 1:
+        raise DataError(f"{source}: no features, so no image")
     if given == "auto":
         side = math.isqrt(d)
         if side * side != d:

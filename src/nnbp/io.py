@@ -1,16 +1,21 @@
 """Atomic, byte-reproducible writers: every output appears whole or not at all.
 
 Each writer fills a temporary file beside the target and renames it into place, so an error,
-Ctrl-C or a full disk leaves the previous output as it was. ``.npz`` archives get fixed zip
-timestamps so that the same arrays always give the same bytes (and the same ``dvc.lock``).
+Ctrl-C or a full disk leaves the previous output as it was. ``atomic_paths`` does the same for
+several files that belong together (a model and its history): all are renamed, or none.
+``.npz`` archives get fixed zip timestamps so that the same arrays always give the same bytes
+(and the same ``dvc.lock``). An ``OSError`` raised while writing names the target file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import signal
 import tempfile
+import threading
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,23 +24,82 @@ from typing import Any
 import numpy as np
 
 _EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest date a zip entry can hold
+_DEFERRED = {signal.SIGINT, signal.SIGTERM}
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back (delivered on exit) while a group of renames happens."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _naming(e: OSError, names: dict[str, Path]) -> OSError:
+    """``e`` with the target as its file name when it names a temporary file, or nothing."""
+    target = names.get(str(e.filename)) if e.filename is not None else None
+    if (e.filename is not None and target is None) or not names:
+        return e
+    if target is None:
+        target = next(iter(names.values()))
+    if e.errno is None:
+        return OSError(e.errno, str(e), str(target))
+    return OSError(e.errno, e.strerror, str(target))  # OSError() picks the subclass from errno
+
+
+def _temporary(target: Path) -> Path:
+    """An empty temporary file beside ``target``; an ``OSError`` naming ``target`` if impossible."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as e:
+        if e.errno in (errno.EEXIST, errno.ENOTDIR):
+            why = "a parent of it is a file, not a folder"
+        else:
+            why = f"{e.strerror or e} in {target.parent}"
+        raise OSError(e.errno, f"cannot be written ({why})", str(target)) from None
+    os.close(fd)
+    return Path(tmp)
+
+
+@contextlib.contextmanager
+def atomic_paths(*paths: str | Path) -> Iterator[list[Path]]:
+    """Yield temporary paths beside ``paths``; rename them all into place if the block succeeds.
+
+    On any error or interruption the temporary files are removed and every target is left as it
+    was. The renames run with SIGINT and SIGTERM held back, so the group cannot be split by them.
+    """
+    targets = [Path(p) for p in paths]
+    tmps: list[Path] = []
+    try:
+        for target in targets:
+            tmps.append(_temporary(target))
+        yield tmps
+        with _signals_deferred():
+            for tmp, target in zip(tmps, targets, strict=True):
+                os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
+                os.replace(tmp, target)
+    except BaseException as e:
+        for tmp in tmps:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        if isinstance(e, OSError):
+            named = _naming(e, {str(t): p for t, p in zip(tmps, targets, strict=False)})
+            if named is not e:
+                raise named from None
+        raise
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_paths(path) as (tmp,):
+        yield tmp
 
 
 def save_npz(path: str | Path, **arrays: Any) -> None:

@@ -13,6 +13,7 @@ untracked.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import subprocess
@@ -27,6 +28,9 @@ from typing import Any
 EXPERIMENT = "tp5-neural-networks"
 OPT_OUT = "NNBP_TRACKING"
 
+# MLflow logs at INFO by default ("Creating initial MLflow database tables..." for a new store),
+# which would wrap a stage's one-line error; its warnings still show. (A user's setting wins.)
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 # MLflow's HTTP client retries for minutes by default; a dead server should cost seconds.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
@@ -136,7 +140,15 @@ class Run:
             run = client.create_run(experiment_id, run_name=name, tags=all_tags)
             from mlflow.entities import Param
 
-            client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+            try:
+                client.log_batch(
+                    run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()]
+                )
+            except BaseException as e:  # Ctrl-C or a store error: never leave it RUNNING
+                status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+                with contextlib.suppress(Exception):
+                    client.set_terminated(run.info.run_id, status)
+                raise
         except Exception as e:
             raise TrackingError(f"MLflow store {uri} cannot be used: {_first_line(e)}") from None
         return cls(client, run.info.run_id)
