@@ -44,6 +44,22 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def train_args(
+    *,
+    iters: int = 20,
+    log_every: int = 10,
+    model: str = "models/h25.npz",
+    history: str = "reports/history/h25.json",
+) -> list[str]:
+    """The options dvc.yaml gives `stages/train.py` for h25 (few iterations by default)."""
+    return [
+        *("--name", "h25", "--hidden", "25", "--tau", "0.2", "--lamb", "0"),
+        *("--iters", str(iters), "--seed", "0", "--gradient", "exact", "--dtype", "float64"),
+        *("--log-every", str(log_every), "--data", "data/digits.npz"),
+        *("--prepared", "data/prepared", "--model", model, "--history", history),
+    ]
+
+
 def run(
     cmd: list[str], cwd: Path, env: Mapping[str, str] | None = None, timeout: float = 600
 ) -> subprocess.CompletedProcess[str]:

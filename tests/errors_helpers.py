@@ -19,55 +19,20 @@ import numpy as np
 import scipy.io
 from click.testing import CliRunner
 
-from tests.conftest import copy_repo
+from tests.conftest import clean_env, copy_repo, train_args
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ROOT / "stages"
 OUTPUT_DIRS = ("data/prepared", "models", "reports")
-TRAIN_ARGS = [
-    "--name",
-    "h25",
-    "--hidden",
-    "25",
-    "--tau",
-    "0.2",
-    "--lamb",
-    "0",
-    "--iters",
-    "20",
-    "--seed",
-    "0",
-    "--gradient",
-    "exact",
-    "--dtype",
-    "float64",
-    "--log-every",
-    "10",
-    "--data",
-    "data/digits.npz",
-    "--prepared",
-    "data/prepared",
-    "--model",
-    "models/h25.npz",
-    "--history",
-    "reports/history/h25.json",
-]
+TRAIN_ARGS = train_args()
 
 
 def stage_env(tracking_uri: str | None = None, **extra: str) -> dict[str, str]:
     """The environment of a stage: tracking off, unless ``tracking_uri`` names a store."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("MLFLOW_", "DVC_", "GIT_")) and k != "NNBP_TRACKING"
-    }
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["DVC_NO_ANALYTICS"] = "1"
     if tracking_uri is None:
-        env["NNBP_TRACKING"] = "off"
-    else:
-        env["MLFLOW_TRACKING_URI"] = tracking_uri
-    env.update(extra)
+        return clean_env(**extra)
+    env = clean_env(MLFLOW_TRACKING_URI=tracking_uri, **extra)
+    env.pop("NNBP_TRACKING")
     return env
 
 

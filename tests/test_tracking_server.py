@@ -29,7 +29,7 @@ import pytest
 import yaml
 
 from nnbp.tracking import EXPERIMENT
-from tests.conftest import BIN, clean_env, copy_repo, dvc
+from tests.conftest import BIN, clean_env, copy_repo, dvc, train_args
 
 HEALTH_TIMEOUT = 240  # seconds: the first start migrates the store (~30 s on PostgreSQL)
 PG_DEFAULT_BIN = Path("/usr/lib/postgresql/15/bin")  # Debian's postgresql-15
@@ -400,36 +400,13 @@ def _train(
     repo: Path, out: str, iters: int, **env: str
 ) -> tuple[subprocess.CompletedProcess[str], float]:
     """`python stages/train.py` for h25 as dvc.yaml runs it, writing into ``out``."""
-    cmd = [
-        sys.executable,
-        "stages/train.py",
-        "--name",
-        "h25",
-        "--hidden",
-        "25",
-        "--tau",
-        "0.2",
-        "--lamb",
-        "0",
-        "--iters",
-        str(iters),
-        "--seed",
-        "0",
-        "--gradient",
-        "exact",
-        "--dtype",
-        "float64",
-        "--log-every",
-        str(min(iters, LOG_EVERY)),
-        "--data",
-        "data/digits.npz",
-        "--prepared",
-        "data/prepared",
-        "--model",
-        f"{out}/h25.npz",
-        "--history",
-        f"{out}/h25.json",
-    ]
+    options = train_args(
+        iters=iters,
+        log_every=min(iters, LOG_EVERY),
+        model=f"{out}/h25.npz",
+        history=f"{out}/h25.json",
+    )
+    cmd = [sys.executable, "stages/train.py", *options]
     started = time.monotonic()
     result = subprocess.run(
         cmd, cwd=repo, env=clean_env(**env), capture_output=True, text=True, timeout=300
