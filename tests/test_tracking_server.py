@@ -96,7 +96,10 @@ def postgres_db() -> Iterator[str]:
         _missing("psycopg2 is not installed: pip install -e '.[dev]'")
     as_user: list[str] = []
     if os.geteuid() == 0:  # initdb refuses root: run the cluster as postgres
-        if shutil.which("runuser") is None:
+        # runuser lives in /usr/sbin or /sbin, which a non-login PATH may leave out.
+        search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+        runuser = shutil.which("runuser", path=search)
+        if runuser is None:
             _missing("running as root without runuser: cannot start PostgreSQL as postgres")
         try:
             import pwd
@@ -104,7 +107,7 @@ def postgres_db() -> Iterator[str]:
             owner = pwd.getpwnam("postgres")
         except KeyError:
             _missing("running as root and there is no postgres user to run PostgreSQL as")
-        as_user = ["runuser", "-u", "postgres", "--"]
+        as_user = [runuser, "-u", "postgres", "--"]
     # Not pytest's tmp_path: its parents are private to the current user.
     folder = Path(tempfile.mkdtemp(prefix="nnbp-pg-"))
     if as_user:
