@@ -95,25 +95,25 @@ def main(
         "n_train": train["X"].shape[1],
         "n_test": test["X"].shape[1],
     }
-    history: list[dict[str, float | None]] = []
-    bar = tqdm(total=iters, desc=name, unit="it", disable=None, leave=False)
     run = Run.start(name, params)  # fails here, before training, if the store is unusable
+    history: list[dict[str, float | None]] = []
+    bar = tqdm(total=iters, desc=name, unit="it", disable=None, leave=False)  # terminals only
+
+    def report(point: LogPoint) -> None:
+        row = {
+            "step": point.iteration,
+            "loss": point.loss,
+            "train_acc": point.train_acc,
+            "test_acc": point.test_acc,
+        }
+        history.append(row)
+        if run is not None:
+            run.log_metrics({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+        bar.update(point.iteration - bar.n)
+        bar.set_postfix(loss=f"{point.loss:.4f}", acc=f"{point.train_acc:.1f}")
+
     status = "FAILED"
     try:
-
-        def report(point: LogPoint) -> None:
-            row = {
-                "step": point.iteration,
-                "loss": point.loss,
-                "train_acc": point.train_acc,
-                "test_acc": point.test_acc,
-            }
-            history.append(row)
-            if run is not None:
-                run.log_metrics({k: v for k, v in row.items() if k != "step"}, step=row["step"])
-            bar.update(point.iteration - bar.n)
-            bar.set_postfix(loss=f"{point.loss:.4f}", acc=f"{point.train_acc:.1f}")
-
         weights = fit(
             train["X"],
             train["Y"],
