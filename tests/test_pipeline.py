@@ -11,7 +11,9 @@ import json
 import sqlite3
 from pathlib import Path
 
+import numpy as np
 import pytest
+from scipy.ndimage import zoom
 
 from tests.conftest import clean_env, copy_repo, dvc
 
@@ -138,3 +140,42 @@ def test_temp_experiment_logs_to_the_workspace_store(repo: Path) -> None:
     assert len(runs) == count + 3
     assert [name for name, _, _ in runs[-3:]] == list(CONFIGS)
     assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
+
+
+def test_plots_show_renders_every_configuration_on_one_page(repo: Path) -> None:
+    out = _dvc(repo, "plots", "show", "-o", "plots-page")
+    assert "failed" not in out.lower()
+    page = (repo / "plots-page" / "index.html").read_text()
+    for name in CONFIGS:
+        assert f"reports/history/{name}.json" in page
+    assert "curves.png" in page and "features.png" in page
+
+
+def _lab_layout_file(repo: Path) -> Path:
+    """A file in the lab's layout and of its kind: 20x20 images (the digits, upsampled), X (400, n)
+    with each image column-major, y (n, 1) in 1..10."""
+    arrays = {}
+    with np.load(repo / "data" / "digits.npz") as digits:
+        for split in ("train", "test"):
+            images = digits[f"X_{split}"].T.reshape(-1, 8, 8)  # each row: image.T, row-major
+            big = zoom(images, (1, 2.5, 2.5), order=1)
+            arrays[f"X_{split}"] = big.reshape(len(big), -1).T
+            arrays[f"y_{split}"] = digits[f"y_{split}"]
+    path = repo / "data" / "nn_train_test_sets.npz"
+    np.savez(path, **arrays)
+    return path
+
+
+def test_lab_file_runs_with_the_documented_command(repo: Path) -> None:
+    path = _lab_layout_file(repo)
+    _dvc(repo, "exp", "run", "-S", f"data.path={path.relative_to(repo)}", "-S", "gradient=exact")
+    table = (repo / "reports" / "results.md").read_text()
+    assert "| h25 | 400-25-10 |" in table
+    assert "| h100_l2 | 400-100-10 | 0.005 |" in table
+    assert all(_metrics(repo)[name]["test_acc"] > 30 for name in CONFIGS)
+    # DVC hashes the file: unchanged, nothing runs; changed, the pipeline runs again
+    assert "Running stage" not in _dvc(repo, "repro")
+    with np.load(path) as data:
+        arrays = dict(data)
+    np.savez(path, **{**arrays, "X_train": arrays["X_train"] * 2})
+    assert "Running stage 'prepare'" in _dvc(repo, "repro")
