@@ -2,7 +2,9 @@
 
 Each writer fills a temporary file beside the target and renames it into place, so an error,
 Ctrl-C or a full disk leaves the previous output as it was. ``atomic_paths`` does the same for
-several files that belong together (a model and its history): all are renamed, or none.
+several files that belong together (a model and its history): they are all written before any is
+renamed, and Ctrl-C or SIGTERM is held back during the renames (only a failing rename, which does
+not happen within one folder of a working disk, could leave the group half replaced).
 ``.npz`` archives get fixed zip timestamps so that the same arrays always give the same bytes
 (and the same ``dvc.lock``). An ``OSError`` raised while writing names the target file.
 """
@@ -24,6 +26,7 @@ from typing import Any
 import numpy as np
 
 _EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest date a zip entry can hold
+_ZIP64_FROM = 2**31  # bytes; well below the 4 GiB limit of plain zip headers, .npy header included
 _DEFERRED = {signal.SIGINT, signal.SIGTERM}
 
 
@@ -108,8 +111,11 @@ def save_npz(path: str | Path, **arrays: Any) -> None:
         for name, value in arrays.items():
             info = zipfile.ZipInfo(f"{name}.npy", date_time=_EPOCH)
             info.external_attr = 0o644 << 16
-            with archive.open(info, "w", force_zip64=True) as f:
-                np.lib.format.write_array(f, np.asanyarray(value), allow_pickle=False)
+            array = np.asanyarray(value)
+            # Zip64 headers only where needed: how Python writes a forced one changed in 3.11.x
+            # (3.11.2 and 3.11.7 give different bytes), plain headers are the same everywhere.
+            with archive.open(info, "w", force_zip64=array.nbytes > _ZIP64_FROM) as f:
+                np.lib.format.write_array(f, array, allow_pickle=False)
 
 
 def write_text(path: str | Path, text: str) -> None:
