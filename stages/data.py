@@ -17,7 +17,9 @@ from nnbp.io import save_npz
 @click.command(cls=Stage)
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="The .npz to write.")
 @click.option("--n-train", type=click.IntRange(1, 1796), default=1000, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split.")
+@click.option(
+    "--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the split."
+)
 @user_errors
 def main(out: str, n_train: int, seed: int) -> None:
     digits = load_digits()

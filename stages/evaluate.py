@@ -26,7 +26,7 @@ def main(
 ) -> None:
     train, test = read_prepared(prepared)
     K = train["Y"].shape[0]
-    models = read_models(models_dir)  # in the lab's order
+    models = read_models(models_dir, features=train["X"].shape[0], classes=K)  # lab's order
 
     metrics, confusion = {}, {}
     rows = [

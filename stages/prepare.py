@@ -23,7 +23,7 @@ from nnbp.io import atomic_paths, save_npz
     show_default=True,
     help="Training examples taken from a .mat file (an .npz is split already).",
 )
-@click.option("--split-seed", type=int, default=0, show_default=True)
+@click.option("--split-seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option(
     "--zscore", "mode", type=click.Choice(ZSCORE_MODES), default="per_example", show_default=True
 )

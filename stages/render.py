@@ -20,11 +20,17 @@ from nnbp.io import atomic_paths
 @click.option("--data", "data_path", required=True, help="The raw data file (data.path).")
 @click.option("--classes", type=click.IntRange(min=2), default=10, show_default=True)
 @click.option("--n-train", type=click.IntRange(min=1), default=1000, show_default=True)
-@click.option("--split-seed", type=int, default=0, show_default=True)
+@click.option("--split-seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--prepared", type=click.Path(file_okay=False), required=True)
 @click.option("--models", "models_dir", type=click.Path(file_okay=False), required=True)
 @click.option("--histories", "history_dir", type=click.Path(file_okay=False), required=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Picks the shown images.")
+@click.option(
+    "--seed",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Picks the shown images.",
+)
 @click.option("--out-dir", type=click.Path(file_okay=False), required=True)
 @user_errors
 def main(
@@ -41,7 +47,7 @@ def main(
     ds = load_dataset(data_path, classes=classes, n_train=n_train, split_seed=split_seed)
     train, _ = read_prepared(prepared)
     shape = tuple(int(s) for s in train["image_shape"])
-    models = read_models(models_dir)  # in the lab's order
+    models = read_models(models_dir, features=train["X"].shape[0], classes=classes)  # lab's order
     histories = {name: read_history(Path(history_dir) / f"{name}.json") for name in models}
 
     rng = np.random.default_rng(seed)

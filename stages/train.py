@@ -42,7 +42,9 @@ def _md5(path: str) -> str:
 )
 @click.option("--lamb", type=FiniteFloatRange(min=0), required=True, help="L2 regularization.")
 @click.option("--iters", type=click.IntRange(min=1), required=True)
-@click.option("--seed", type=int, required=True, help="Seed of the initial weights.")
+@click.option(
+    "--seed", type=click.IntRange(min=0), required=True, help="Seed of the initial weights."
+)
 @click.option("--gradient", type=click.Choice(GRADIENT_RULES), required=True)
 @click.option("--dtype", type=click.Choice(DTYPES), required=True)
 @click.option("--log-every", type=click.IntRange(min=1), required=True)

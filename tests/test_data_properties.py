@@ -211,13 +211,13 @@ def test_zscore_is_finite_or_refused(ds, mode):
     assert X_train.shape == ds.X_train.shape and X_test.shape == ds.X_test.shape
     assert np.isfinite(X_train).all() and np.isfinite(X_test).all()
     axis = 0 if mode == "per_example" else 1
-    # Centred: each image (per_example) or feature (per_feature) has mean 0. A constant one is
-    # left out: backprop.zscore's rounded mean can leave a std of 1e-16 there, whose quotient
-    # is +-1 rather than the documented 0 (reported on issue 5; backprop.py is not ours).
+    # Centred: each image (per_example) or feature (per_feature) has mean 0; a constant one
+    # becomes exactly 0, as zscore documents.
     constant = (ds.X_train == ds.X_train.take([0], axis=axis)).all(axis=axis)
     scale = max(1.0, float(np.abs(X_train).max()))
     means = np.abs(X_train.mean(axis=axis))
     assert np.all(means[~constant] <= 1e-6 * scale)
+    assert not np.compress(constant, X_train, axis=1 - axis).any()
 
 
 @SETTINGS

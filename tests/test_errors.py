@@ -128,6 +128,72 @@ def test_corrupt_prepared_data(unchanged: Path, tmp_path: Path):
     assert_one_line_error(proc, f"{train}: not a readable .npz archive", status=1)
 
 
+EVALUATE_OUTPUTS = (
+    *("--metrics", "reports/metrics.json", "--table", "reports/results.md"),
+    *("--confusion", "reports/confusion.json"),
+)
+
+
+def _evaluate_with(unchanged: Path, models: Path) -> subprocess.CompletedProcess:
+    return invoke(
+        "evaluate",
+        "--prepared",
+        "data/prepared",
+        "--models",
+        str(models),
+        *EVALUATE_OUTPUTS,
+        cwd=unchanged,
+    )
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("no sizes", "missing array(s) sizes"),
+        ("W1 and W3", "weight matrices W1, W3 are not W1..WL"),
+        ("wrong shape", "weight shapes (25, 65), (10, 25) do not match layer sizes [64, 25, 10]"),
+    ],
+)
+def test_malformed_model_file_is_one_line(unchanged: Path, tmp_path: Path, case, message):
+    with np.load(unchanged / "models/h25.npz") as model:
+        arrays = dict(model)
+    if case == "no sizes":
+        del arrays["sizes"]
+    elif case == "W1 and W3":
+        arrays["W3"] = arrays.pop("W2")
+    else:
+        arrays["W2"] = arrays["W2"][:, 1:]
+    np.savez(tmp_path / "h25.npz", **arrays)
+    proc = _evaluate_with(unchanged, tmp_path)
+    assert_one_line_error(proc, f"{tmp_path / 'h25.npz'}: {message}", status=1)
+
+
+def test_model_left_from_other_data_is_refused_by_name(unchanged: Path, tmp_path: Path):
+    shutil.copy(unchanged / "models/h25.npz", tmp_path / "h25.npz")
+    rng = np.random.default_rng(0)
+    sizes = np.array([400, 25, 10])
+    W1, W2 = rng.uniform(size=(25, 401)), rng.uniform(size=(10, 26))
+    np.savez(tmp_path / "old.npz", W1=W1, W2=W2, sizes=sizes, lamb=np.float64(0))
+    proc = _evaluate_with(unchanged, tmp_path)
+    assert_one_line_error(
+        proc,
+        f"{tmp_path / 'old.npz'}: a 400-input, 10-class model for data with 64 features",
+        status=1,
+    )
+
+
+def test_history_that_is_not_a_history_is_one_line(unchanged: Path, tmp_path: Path):
+    shutil.copytree(unchanged / "reports/history", tmp_path / "history")
+    (tmp_path / "history/h25.json").write_text('{"a": 1}')
+    proc = invoke(
+        "render",
+        *("--data", "data/digits.npz", "--prepared", "data/prepared", "--models", "models"),
+        *("--histories", str(tmp_path / "history"), "--out-dir", str(tmp_path / "figures")),
+        cwd=unchanged,
+    )
+    assert_one_line_error(proc, f"{tmp_path / 'history/h25.json'}: not a history", status=1)
+
+
 def test_no_trained_model(unchanged: Path, tmp_path: Path):
     proc = invoke(
         "evaluate",
@@ -170,6 +236,7 @@ BAD_TRAIN_PARAMS = {
         ["25", "-3"],
         "Invalid value for '--hidden': -3 is not in the range x>=1.",
     ),
+    "seed < 0": ("--seed", ["-1"], "Invalid value for '--seed': -1 is not in the range x>=0."),
     "gradient": (
         "--gradient",
         ["sgd"],

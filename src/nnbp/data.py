@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import BinaryIO
 
@@ -232,10 +233,20 @@ def read_prepared(folder: str | Path) -> tuple[dict[str, np.ndarray], dict[str, 
 
 
 def read_model(path: str | Path) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
-    """Weights ``[W1, ..., WL]`` and the metadata arrays of a model written by the train stage."""
-    arrays = read_arrays(path, ("W1", "lamb"))
-    count = sum(1 for k in arrays if k[:1] == "W" and k[1:].isdigit())
-    weights = [arrays.pop(f"W{i}") for i in range(1, count + 1)]
+    """Weights ``[W1, ..., WL]`` and the metadata arrays of a model written by the train stage,
+    checked to chain: ``W^{l+1}`` takes the ``n_{l+1}`` outputs of ``W^l`` plus a bias."""
+    arrays = read_arrays(path, ("W1", "lamb", "sizes"))
+    names = sorted(
+        (k for k in arrays if k[:1] == "W" and k[1:].isdigit()), key=lambda k: int(k[1:])
+    )
+    if names != [f"W{i}" for i in range(1, len(names) + 1)]:
+        raise DataError(f"{path}: weight matrices {', '.join(names)} are not W1..WL")
+    weights = [arrays.pop(name) for name in names]
+    sizes = [int(s) for s in np.ravel(arrays["sizes"])]
+    shapes = [(n_next, n + 1) for n, n_next in pairwise(sizes)]
+    if [W.shape for W in weights] != shapes or len(sizes) != len(weights) + 1:
+        found = ", ".join(f"{W.shape}" for W in weights)
+        raise DataError(f"{path}: weight shapes {found} do not match layer sizes {sizes}")
     return weights, arrays
 
 
@@ -244,24 +255,40 @@ def read_history(path: str | Path) -> dict[str, list[float]]:
     import json
 
     path = Path(path)
+    keys = ("step", "loss", "train_acc", "test_acc")
     try:
         rows = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except (OSError, ValueError) as e:
         raise DataError(f"{path}: not a readable history ({_first_line(e)})") from None
-    return {key: [row[key] for row in rows] for key in ("step", "loss", "train_acc", "test_acc")}
+    if not isinstance(rows, list) or not all(
+        isinstance(r, dict) and set(keys) <= set(r) for r in rows
+    ):
+        raise DataError(f"{path}: not a history (expected a list of rows with {', '.join(keys)})")
+    return {key: [row[key] for row in rows] for key in keys}
 
 
-def read_models(folder: str | Path) -> dict[str, tuple[list[np.ndarray], dict[str, np.ndarray]]]:
-    """Every ``NAME.npz`` model in ``folder`` by name, in the lab's order: smaller networks
-    first, then more regularization."""
+def read_models(
+    folder: str | Path, *, features: int, classes: int
+) -> dict[str, tuple[list[np.ndarray], dict[str, np.ndarray]]]:
+    """Every ``NAME.npz`` model in ``folder`` by name, in the lab's order (smaller networks
+    first, then more regularization), each checked to take ``features`` inputs and give
+    ``classes`` outputs."""
     models = {p.stem: read_model(p) for p in sorted(Path(folder).glob("*.npz"))}
     if not models:
         raise DataError(f"{folder}: no trained model (*.npz) found")
+    for name, (weights, _) in models.items():
+        d, K = weights[0].shape[1] - 1, weights[-1].shape[0]
+        if (d, K) != (features, classes):
+            raise DataError(
+                f"{Path(folder) / name}.npz: a {d}-input, {K}-class model for data with "
+                f"{features} features and {classes} classes; if its configuration is gone, "
+                "delete it (DVC leaves the outputs of a removed stage in place)"
+            )
 
     def lab_order(name: str) -> tuple:
         _, meta = models[name]
-        return list(meta["sizes"]), float(meta["lamb"]), name
+        return [int(s) for s in np.ravel(meta["sizes"])], float(meta["lamb"]), name
 
     return {name: models[name] for name in sorted(models, key=lab_order)}
