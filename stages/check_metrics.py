@@ -28,6 +28,7 @@ import click
 import yaml
 
 from nnbp.cli import Stage, user_errors
+from nnbp.data import first_line
 
 # metric -> (params key, kind): "points" for an absolute fall of a percentage, "relative" for a
 # relative rise in percent. Only these metrics are gated; others in the files are ignored.
@@ -112,8 +113,7 @@ def read_tolerances(params_path: Path, overrides: dict[str, float | None]) -> di
             f"{params_path}: no such params file; pass --params or every tolerance as an option"
         ) from None
     except (OSError, yaml.YAMLError) as e:
-        first = (str(e).splitlines() or [type(e).__name__])[0]
-        raise GateError(f"{params_path}: cannot be read ({first})") from None
+        raise GateError(f"{params_path}: cannot be read ({first_line(e)})") from None
     gate = params.get("gate") if isinstance(params, dict) else None
     for key in missing:
         value = gate.get(key) if isinstance(gate, dict) else None

@@ -11,6 +11,7 @@ import numpy as np
 from sklearn.datasets import load_digits
 
 from nnbp.cli import Stage, user_errors
+from nnbp.data import split
 from nnbp.io import save_npz
 
 
@@ -25,8 +26,7 @@ def main(out: str, n_train: int, seed: int) -> None:
     digits = load_digits()
     X = digits.images.transpose(0, 2, 1).reshape(len(digits.images), -1).T  # column-major
     y = np.where(digits.target == 0, 10, digits.target).astype(np.int64)[:, None]
-    order = np.random.default_rng(seed).permutation(X.shape[1])
-    train, test = order[:n_train], order[n_train:]
+    train, test = split(X.shape[1], n_train, seed)
     save_npz(out, X_train=X[:, train], y_train=y[train], X_test=X[:, test], y_test=y[test])
     click.echo(f"{out}: {len(train)} training and {len(test)} test images of 8x8 pixels")
 

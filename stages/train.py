@@ -5,7 +5,6 @@ log point (``--history``, JSON rows for ``dvc plots``). Options given twice keep
 which is how a configuration in ``params.yaml`` overrides the top-level defaults.
 """
 
-import hashlib
 import tempfile
 from pathlib import Path
 
@@ -16,17 +15,9 @@ from tqdm import tqdm
 from nnbp import plots
 from nnbp.backprop import DTYPES, GRADIENT_RULES, DivergenceError, LogPoint, fit, init_weights
 from nnbp.cli import FiniteFloatRange, Stage, user_errors
-from nnbp.data import read_prepared
+from nnbp.data import file_md5, read_prepared
 from nnbp.io import atomic_paths, save_npz, write_json
 from nnbp.tracking import Run
-
-
-def _md5(path: str) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @click.command(cls=Stage)
@@ -93,7 +84,7 @@ def main(
         "dtype": dtype,
         "log_every": log_every,
         "data_path": data_path,
-        "data_md5": _md5(data_path),
+        "data_md5": file_md5(data_path),
         "n_train": train["X"].shape[1],
         "n_test": test["X"].shape[1],
     }

@@ -6,6 +6,7 @@ Arrays are read with ``allow_pickle=False``: an archive that carries a pickle is
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from itertools import pairwise
@@ -42,7 +43,7 @@ def read_arrays(path: str | Path, keys: tuple[str, ...] = ()) -> dict[str, np.nd
         with path.open("rb") as f:  # ours to close: np.load leaks its file on a bad archive
             return _read_npz(path, f, keys)
     except OSError as e:
-        raise DataError(f"{path}: cannot be read ({e.strerror or _first_line(e)})") from None
+        raise DataError(f"{path}: cannot be read ({e.strerror or first_line(e)})") from None
 
 
 def _read_npz(path: Path, f: BinaryIO, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -79,7 +80,7 @@ def _read_npz(path: Path, f: BinaryIO, keys: tuple[str, ...]) -> dict[str, np.nd
     except Exception as e:
         # NumPy and zipfile raise a zoo of types (BadZipFile, ValueError, EOFError, zlib.error,
         # NotImplementedError for an unknown compression...) for a damaged archive.
-        raise DataError(f"{path}: not a readable .npz archive ({_first_line(e)})") from None
+        raise DataError(f"{path}: not a readable .npz archive ({first_line(e)})") from None
 
 
 def _read_mat(path: Path) -> dict[str, np.ndarray]:
@@ -89,13 +90,14 @@ def _read_mat(path: Path) -> dict[str, np.ndarray]:
         raw = scipy.io.loadmat(path)
     except Exception as e:
         # scipy raises a zoo of types (MatReadError, ValueError, struct.error...) for a bad file.
-        raise DataError(f"{path}: not a readable .mat file ({_first_line(e)})") from None
+        raise DataError(f"{path}: not a readable .mat file ({first_line(e)})") from None
     return {k: v for k, v in raw.items() if not k.startswith("__")}
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type when it has none), for one-line errors."""
+    lines = str(e).strip().splitlines()
+    return lines[0][:300] if lines else type(e).__name__
 
 
 def _features(path: Path, name: str, X: np.ndarray) -> np.ndarray:
@@ -172,8 +174,7 @@ def load_dataset(
                 f"{path}: cannot split {X.shape[1]} examples into {n_train} for training "
                 "and at least one for testing (data.n_train)"
             )
-        order = np.random.default_rng(split_seed).permutation(X.shape[1])
-        train, test = order[:n_train], order[n_train:]
+        train, test = split(X.shape[1], n_train, split_seed)
         X_train, y_train, X_test, y_test = X[:, train], y[train], X[:, test], y[test]
     if X_train.shape[0] != X_test.shape[0]:
         raise DataError(
@@ -224,6 +225,21 @@ def image_shape(d: int, given: str = "auto", *, source: str = "data") -> tuple[i
     return h, w
 
 
+def split(n: int, n_train: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of a seeded shuffle of ``n`` examples: the first ``n_train``, and the rest."""
+    order = np.random.default_rng(seed).permutation(n)
+    return order[:n_train], order[n_train:]
+
+
+def file_md5(path: str | Path) -> str:
+    """The MD5 of a file's bytes (what DVC records), read in 1 MiB blocks."""
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def read_prepared(folder: str | Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """The ``train.npz`` and ``test.npz`` written by the prepare stage."""
     folder = Path(folder)
@@ -261,7 +277,7 @@ def read_history(path: str | Path) -> dict[str, list[float]]:
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except (OSError, ValueError) as e:
-        raise DataError(f"{path}: not a readable history ({_first_line(e)})") from None
+        raise DataError(f"{path}: not a readable history ({first_line(e)})") from None
     if not isinstance(rows, list) or not all(
         isinstance(r, dict) and set(keys) <= set(r) for r in rows
     ):

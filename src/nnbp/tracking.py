@@ -25,15 +25,19 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from nnbp.data import first_line
+
 EXPERIMENT = "tp5-neural-networks"
 OPT_OUT = "NNBP_TRACKING"
 
-# MLflow logs at INFO by default ("Creating initial MLflow database tables..." for a new store),
-# which would wrap a stage's one-line error; its warnings still show. (A user's setting wins.)
-os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-# MLflow's HTTP client retries for minutes by default; a dead server should cost seconds.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+# Set before MLflow is imported (a user's own setting wins). MLflow logs at INFO by default
+# ("Creating initial MLflow database tables..."), which would wrap a one-line error; and its HTTP
+# client retries for minutes, where a dead server should cost seconds.
+MLFLOW_DEFAULTS = {
+    "MLFLOW_LOGGING_LEVEL": "WARNING",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
 
 
 class TrackingError(RuntimeError):
@@ -116,6 +120,8 @@ class Run:
         if uri is None:
             return None
         _check_reachable(uri)
+        for key, value in MLFLOW_DEFAULTS.items():
+            os.environ.setdefault(key, value)
         try:
             from mlflow import MlflowClient
 
@@ -150,7 +156,7 @@ class Run:
                     client.set_terminated(run.info.run_id, status)
                 raise
         except Exception as e:
-            raise TrackingError(f"MLflow store {uri} cannot be used: {_first_line(e)}") from None
+            raise TrackingError(f"MLflow store {uri} cannot be used: {first_line(e)}") from None
         return cls(client, run.info.run_id)
 
     def _guard(self, action: str, fn: Any, *args: Any, **kwargs: Any) -> None:
@@ -161,7 +167,7 @@ class Run:
         except Exception as e:
             self._broken = True
             print(
-                f"warning: MLflow {action} failed ({_first_line(e)}); training goes on "
+                f"warning: MLflow {action} failed ({first_line(e)}); training goes on "
                 "untracked and its outputs are still written",
                 file=sys.stderr,
             )
@@ -181,8 +187,3 @@ class Run:
     def end(self, status: str = "FINISHED") -> None:
         """Close the run as FINISHED, FAILED or KILLED."""
         self._guard("closing the run", self._client.set_terminated, self.run_id, status)
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0][:300] if lines else type(e).__name__
