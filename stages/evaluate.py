@@ -1,8 +1,9 @@
 """Stage `evaluate`: accuracies, loss and confusion matrix of every trained configuration.
 
 ``--metrics`` (JSON, DVC metrics) maps each configuration to ``train_acc``, ``test_acc`` (percent)
-and ``loss`` (the lab's training cost, regularization included); ``--table`` is the lab's results
-table in Markdown; ``--confusion`` holds each test confusion matrix (rows: true class 1..K).
+and ``loss`` (the lab's training cost, regularization included); ``--table`` is the results table in
+Markdown, followed by this run beside the lab's published results (``nnbp.lab``);
+``--confusion`` holds each test confusion matrix (rows: true class 1..K).
 """
 
 import click
@@ -12,6 +13,7 @@ from nnbp.backprop import accuracy, loss, predict
 from nnbp.cli import Stage, user_errors
 from nnbp.data import read_models, read_prepared
 from nnbp.io import atomic_paths, write_json, write_text
+from nnbp.lab import comparison_table, published_for
 
 
 @click.command(cls=Stage)
@@ -28,7 +30,8 @@ def main(
     K = train["Y"].shape[0]
     models = read_models(models_dir, features=train["X"].shape[0], classes=K)  # lab's order
 
-    metrics, confusion = {}, {}
+    n_train, n_test = train["X"].shape[1], test["X"].shape[1]
+    metrics, confusion, against_lab = {}, {}, {}
     rows = [
         "| configuration | layers | lamb | train acc (%) | test acc (%) | loss |",
         "|---|---|---:|---:|---:|---:|",
@@ -46,7 +49,11 @@ def main(
         matrix = np.zeros((K, K), dtype=np.int64)
         np.add.at(matrix, (test["y"], y_pred), 1)
         confusion[name] = matrix.tolist()
-        layers = "-".join(str(s) for s in meta["sizes"])
+        sizes = [int(s) for s in meta["sizes"]]
+        tau, iters = float(meta.get("tau", "nan")), int(meta.get("iters", -1))
+        run = published_for(sizes, lamb, tau, iters, n_train, n_test)
+        against_lab[name] = (run, str(meta.get("gradient", "?")), m)
+        layers = "-".join(map(str, sizes))
         rows.append(
             f"| {name} | {layers} | {lamb:g} | {m['train_acc']:.2f} | "
             f"{m['test_acc']:.2f} | {m['loss']:.4f} |"
@@ -57,7 +64,13 @@ def main(
     paths = (confusion_path, table_path, metrics_path)
     with atomic_paths(*paths) as (confusion_tmp, table_tmp, metrics_tmp):  # all three or none
         write_json(confusion_tmp, confusion)
-        write_text(table_tmp, "\n".join(rows) + "\n")
+        write_text(
+            table_tmp,
+            "## This run\n\n" + "\n".join(rows) + "\n\n"
+            "## Beside the lab's published results (its last log lines)\n\n"
+            + comparison_table(against_lab)
+            + "\n",
+        )
         write_json(metrics_tmp, metrics)
 
 

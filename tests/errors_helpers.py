@@ -148,7 +148,7 @@ def make_workspace(root: Path) -> None:
     stage scripts, so that every error test has previous outputs to compare with."""
     root.mkdir(parents=True, exist_ok=True)
     steps = [
-        ("data", ["--out", "data/digits.npz"]),
+        ("data", ["--out", "data/digits.npz", "--source", "digits"]),
         ("prepare", ["--data", "data/digits.npz", "--out-dir", "data/prepared"]),
         ("train", TRAIN_ARGS),
     ]

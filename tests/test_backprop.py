@@ -8,6 +8,7 @@ import pytest
 from scipy.special import expit
 
 from nnbp.backprop import (
+    GRADIENT_RULES,
     DivergenceError,
     LogPoint,
     accuracy,
@@ -68,28 +69,36 @@ def test_gradients_do_not_modify_weights():
     assert all(np.array_equal(a, b) for a, b in zip(W, before, strict=True))
 
 
+def test_lab_rule_is_the_default_and_exact_is_one_argument_away():
+    X, Y, _, W = _problem([8, 5, 3], n=12, seed=3)
+    kw = dict(tau=0.2, iters=20)
+    assert _max_abs_diff(fit(X, Y, W, **kw), fit(X, Y, W, gradient="lab", **kw)) == 0
+    assert _max_abs_diff(fit(X, Y, W, **kw), fit(X, Y, W, gradient="exact", **kw)) > 1e-4
+    assert GRADIENT_RULES == ("lab", "exact")  # the old name `seed` is gone, not aliased
+
+
 # --- the two update rules --------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("lamb", [0.0, 0.005])
-def test_seed_rule_reproduces_lab_loop(lamb):
+def test_lab_rule_reproduces_lab_loop(lamb):
     X, Y, _, W = _problem([400, 25, 10], n=200, seed=2)
     lab = lab_train(X, Y, W[0].copy(), W[1].copy(), tau=0.2, lamb=lamb, iters=500)
-    ours = fit(X, Y, W, tau=0.2, lamb=lamb, iters=500, gradient="seed")
+    ours = fit(X, Y, W, tau=0.2, lamb=lamb, iters=500, gradient="lab")
     assert _max_abs_diff(ours, lab) < 1e-9
     # the comparison is not vacuous: the weights did move
     assert _max_abs_diff(lab, W) > 1e-2
 
 
-def test_exact_and_seed_rules_differ_and_both_reduce_loss():
+def test_exact_and_lab_rules_differ_and_both_reduce_loss():
     X, Y, _, W = _problem([40, 12, 5], n=60, seed=3)
     kw = dict(tau=0.2, lamb=0.001, iters=100)
     exact = fit(X, Y, W, gradient="exact", **kw)
-    seed = fit(X, Y, W, gradient="seed", **kw)
-    assert _max_abs_diff(exact, seed) > 1e-3
+    lab = fit(X, Y, W, gradient="lab", **kw)
+    assert _max_abs_diff(exact, lab) > 1e-3
     l0 = loss(W, X, Y, 0.001)
     assert loss(exact, X, Y, 0.001) < 0.9 * l0
-    assert loss(seed, X, Y, 0.001) < 0.9 * l0
+    assert loss(lab, X, Y, 0.001) < 0.9 * l0
 
 
 @pytest.mark.parametrize("sizes", [[6, 5, 3], [6, 5, 4, 3]], ids=["1hidden", "2hidden"])
@@ -119,7 +128,7 @@ def test_shapes_of_weights_activations_and_fit_output(sizes):
     acts = forward(W, X)
     assert [a.shape for a in acts] == [(s, n) for s in sizes]
     assert np.array_equal(acts[0], X)
-    for gradient in ("exact", "seed"):
+    for gradient in ("exact", "lab"):
         out = fit(X, Y, W, tau=0.1, iters=3, gradient=gradient)
         assert [w.shape for w in out] == [w.shape for w in W]
 
@@ -202,7 +211,7 @@ def test_divergence_error_carries_iteration_and_input_weights_untouched():
 def test_fit_does_not_modify_input_weights():
     X, Y, _, W = _problem([20, 8, 4], n=30, seed=10)
     before = [w.copy() for w in W]
-    for gradient in ("exact", "seed"):
+    for gradient in ("exact", "lab"):
         fit(X, Y, W, tau=0.2, lamb=0.01, iters=5, gradient=gradient)
     assert all(np.array_equal(a, b) for a, b in zip(W, before, strict=True))
 
@@ -210,7 +219,9 @@ def test_fit_does_not_modify_input_weights():
 # --- argument validation ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kw", [dict(gradient="adam"), dict(dtype="float16"), dict(dtype="int")])
+@pytest.mark.parametrize(
+    "kw", [dict(gradient="adam"), dict(gradient="seed"), dict(dtype="float16"), dict(dtype="int")]
+)
 def test_fit_rejects_unknown_gradient_rule_or_dtype(kw):
     X, Y, _, W = _problem([5, 4, 3], n=6)
     with pytest.raises(ValueError):

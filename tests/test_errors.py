@@ -240,7 +240,7 @@ BAD_TRAIN_PARAMS = {
     "gradient": (
         "--gradient",
         ["sgd"],
-        "Invalid value for '--gradient': 'sgd' is not one of 'exact', 'seed'.",
+        "Invalid value for '--gradient': 'sgd' is not one of 'lab', 'exact'.",
     ),
     "dtype": (
         "--dtype",
@@ -309,8 +309,14 @@ def test_bad_data_parameter(unchanged: Path, case: str):
 
 
 def test_data_stage_bad_parameter(unchanged: Path):
-    proc = run_stage("data", "--out", "data/digits.npz", "--n-train", "5000", cwd=unchanged)
-    assert_one_line_error(proc, "Invalid value for '--n-train': 5000 is not in the range", status=2)
+    proc = run_stage(
+        "data", "--out", "data/digits.npz", "--source", "digits", "--n-train", "1797", cwd=unchanged
+    )
+    assert_one_line_error(
+        proc,
+        "Invalid value for '--n-train': 1797 leaves no test example: digits has 1797 images",
+        status=2,
+    )
 
 
 # --- faults ----------------------------------------------------------------------------------

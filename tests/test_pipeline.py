@@ -124,13 +124,13 @@ def test_exp_run_lamb_changes_only_the_unpinned_configurations(repo: Path) -> No
             assert tag == ("all-l2",)
 
 
-def test_exp_run_gradient_seed_changes_every_configuration(repo: Path) -> None:
-    _dvc(repo, "exp", "run", "-S", "gradient=seed", "-S", "lamb=0.0")
-    seed = _metrics(repo)
+def test_exp_run_gradient_exact_changes_every_configuration(repo: Path) -> None:
+    _dvc(repo, "exp", "run", "-S", "gradient=lab", "-S", "lamb=0.0")  # the default rule
+    lab = _metrics(repo)
     _dvc(repo, "exp", "run", "-S", "gradient=exact")
     exact = _metrics(repo)
     for name in CONFIGS:
-        assert seed[name]["loss"] != exact[name]["loss"]
+        assert lab[name]["loss"] != exact[name]["loss"]
 
 
 def test_temp_experiment_logs_to_the_workspace_store(repo: Path) -> None:

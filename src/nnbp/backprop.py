@@ -21,7 +21,7 @@ from typing import Literal
 import numpy as np
 
 EPS = 1e-10  # the lab's guard inside log()
-GRADIENT_RULES = ("exact", "seed")
+GRADIENT_RULES = ("lab", "exact")  # the lab's loop as written, and plain gradient descent
 DTYPES = ("float64", "float32")
 ZSCORE_MODES = ("per_example", "per_feature")
 
@@ -218,7 +218,7 @@ def fit(
     tau: float,
     lamb: float = 0.0,
     iters: int,
-    gradient: Literal["exact", "seed"] = "exact",
+    gradient: Literal["lab", "exact"] = "lab",
     dtype: str = "float64",
     log_every: int = 0,
     X_test: np.ndarray | None = None,
@@ -229,7 +229,7 @@ def fit(
 
     ``X`` is ``(d, n)``, ``Y`` one-hot ``(K, n)``; ``weights`` are not modified.
     ``gradient="exact"`` is plain gradient descent on ``loss``: every nabla_{W^l} is taken from the
-    weights before any of them changes. ``gradient="seed"`` is the lab's loop as written: W^l is
+    weights before any of them changes. ``gradient="lab"`` is the lab's loop as written: W^l is
     updated before delta^l is computed from it, and sigma' is applied to the activation y^l itself.
     Every ``log_every`` updates (and after the last), ``callback`` gets a ``LogPoint`` with the
     loss, training accuracy and, given ``X_test`` ``(d, m)`` and ``y_test`` ``(m,)``, test
@@ -246,7 +246,7 @@ def fit(
     A = _augmented(weights, X)
     Y_L = np.empty((weights[-1].shape[0], X.shape[1]), dtype)
     G = [np.empty_like(W) for W in weights]
-    lab_tau = tau if gradient == "seed" else None
+    lab_tau = tau if gradient == "lab" else None
 
     # A diverging run overflows before it is caught below: that is reported, not warned about.
     with np.errstate(over="ignore", invalid="ignore"):
