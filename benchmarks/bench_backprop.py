@@ -134,10 +134,10 @@ def main() -> None:
         print(
             f"{label:<24}{ratio:>7.2f}   target {op} {threshold:<4} {verdict}   (best: {best:.2f})"
         )
-    seed = statistics.median(
+    lab_rule = statistics.median(
         a / b for a, b in zip(times["lab"], times["ours-lab-f64"], strict=True)
     )
-    print(f"{'lab / ours-lab-f64':<24}{seed:>7.2f}   (info)")
+    print(f"{'lab / ours-lab-f64':<24}{lab_rule:>7.2f}   (info)")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ Markdown, followed by this run beside the lab's published results (``nnbp.lab``)
 
 import click
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from nnbp.backprop import accuracy, loss, predict
 from nnbp.cli import Stage, user_errors
@@ -22,8 +23,21 @@ from nnbp.lab import comparison_table, published_for
 @click.option("--metrics", "metrics_path", type=click.Path(dir_okay=False), required=True)
 @click.option("--table", "table_path", type=click.Path(dir_okay=False), required=True)
 @click.option("--confusion", "confusion_path", type=click.Path(dir_okay=False), required=True)
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
 @user_errors
 def main(
+    prepared: str,
+    models_dir: str,
+    metrics_path: str,
+    table_path: str,
+    confusion_path: str,
+    threads: int,
+) -> None:
+    with threadpool_limits(threads, user_api="blas"):  # the same products as training: same bits
+        _evaluate(prepared, models_dir, metrics_path, table_path, confusion_path)
+
+
+def _evaluate(
     prepared: str, models_dir: str, metrics_path: str, table_path: str, confusion_path: str
 ) -> None:
     train, test = read_prepared(prepared)

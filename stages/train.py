@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 import numpy as np
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from nnbp import plots
@@ -39,6 +40,13 @@ from nnbp.tracking import Run
 @click.option("--gradient", type=click.Choice(GRADIENT_RULES), required=True)
 @click.option("--dtype", type=click.Choice(DTYPES), required=True)
 @click.option("--log-every", type=click.IntRange(min=1), required=True)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="BLAS threads (the weights' last bits depend on it).",
+)
 @click.option("--data", "data_path", required=True, help="The raw data file, for the record.")
 @click.option("--prepared", type=click.Path(file_okay=False), required=True)
 @click.option("--model", "model_path", type=click.Path(dir_okay=False), required=True)
@@ -54,6 +62,7 @@ def main(
     gradient: str,
     dtype: str,
     log_every: int,
+    threads: int,
     data_path: str,
     prepared: str,
     model_path: str,
@@ -83,6 +92,7 @@ def main(
         "gradient": gradient,
         "dtype": dtype,
         "log_every": log_every,
+        "threads": threads,
         "data_path": data_path,
         "data_md5": file_md5(data_path),
         "n_train": train["X"].shape[1],
@@ -107,20 +117,21 @@ def main(
 
     status = "FAILED"
     try:
-        weights = fit(
-            train["X"],
-            train["Y"],
-            weights,
-            tau=tau,
-            lamb=lamb,
-            iters=iters,
-            gradient=gradient,
-            dtype=dtype,
-            log_every=log_every,
-            X_test=test["X"],
-            y_test=test["y"],
-            callback=report,
-        )
+        with threadpool_limits(threads, user_api="blas"):
+            weights = fit(
+                train["X"],
+                train["Y"],
+                weights,
+                tau=tau,
+                lamb=lamb,
+                iters=iters,
+                gradient=gradient,
+                dtype=dtype,
+                log_every=log_every,
+                X_test=test["X"],
+                y_test=test["y"],
+                callback=report,
+            )
         bar.close()
         # The model and its history together, or neither.
         with atomic_paths(model_path, history_path) as (model_tmp, history_tmp):

@@ -40,6 +40,32 @@ MLFLOW_DEFAULTS = {
 }
 
 
+# DVC's variables for a stage run inside an experiment, recorded as run tags.
+DVC_TAGS = {
+    "DVC_EXP_NAME": "dvc_experiment",
+    "DVC_EXP_BASELINE_REV": "dvc_baseline_rev",
+    "DVC_STAGE": "dvc_stage",
+}
+# Errors that pass: SQLite's lock held by a parallel writer (it waits 5 s before saying so), a
+# server restarting or overloaded. Retried after each delay, 31 s in all.
+TRANSIENT = (
+    "database is locked",
+    "database table is locked",
+    "connection refused",
+    "connection reset",
+    "connection aborted",
+    "remote end closed",
+    "max retries exceeded",
+    "temporarily unavailable",
+    "timed out",
+    "503",
+    "502",
+    "504",
+)
+RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0, 16.0)
+BATCH = 1000  # MLflow's limit of metrics per log_batch
+
+
 class TrackingError(RuntimeError):
     """The tracking store cannot be used; ``str()`` is one line naming it."""
 
@@ -106,7 +132,9 @@ class Run:
     def __init__(self, client: Any, run_id: str) -> None:
         self._client = client
         self.run_id = run_id
-        self._broken = False
+        self._history: list[Any] = []  # every metric logged, with its timestamp, in order
+        self._live = True  # False once live logging gave up: the rest waits for end()
+        self._unsent: list[str] = []  # what end() could not deliver either
 
     @classmethod
     def start(
@@ -126,30 +154,21 @@ class Run:
             from mlflow import MlflowClient
 
             client = MlflowClient(tracking_uri=uri)
-            experiment = client.get_experiment_by_name(EXPERIMENT)
-            if experiment is None:
-                location = None
-                if uri.startswith("sqlite:///") and "MLFLOW_TRACKING_URI" not in os.environ:
-                    location = (project_root() / "mlartifacts").as_uri()
-                experiment_id = client.create_experiment(EXPERIMENT, artifact_location=location)
-            else:
-                experiment_id = experiment.experiment_id
+            experiment_id = retrying(_experiment_id, client, uri)
             all_tags = {
                 "git_commit": _git_commit() or "unknown",
                 "mlflow.source.name": "dvc.yaml",
             }
-            if os.environ.get("DVC_EXP_NAME"):
-                all_tags["dvc_experiment"] = os.environ["DVC_EXP_NAME"]
-            if os.environ.get("DVC_STAGE"):
-                all_tags["dvc_stage"] = os.environ["DVC_STAGE"]
+            for var, tag in DVC_TAGS.items():
+                if os.environ.get(var):
+                    all_tags[tag] = os.environ[var]
             all_tags.update(tags or {})
-            run = client.create_run(experiment_id, run_name=name, tags=all_tags)
+            run = retrying(client.create_run, experiment_id, run_name=name, tags=all_tags)
             from mlflow.entities import Param
 
             try:
-                client.log_batch(
-                    run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()]
-                )
+                batch = [Param(k, str(v)) for k, v in params.items()]
+                retrying(client.log_batch, run.info.run_id, params=batch)
             except BaseException as e:  # Ctrl-C or a store error: never leave it RUNNING
                 status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
                 with contextlib.suppress(Exception):
@@ -159,31 +178,84 @@ class Run:
             raise TrackingError(f"MLflow store {uri} cannot be used: {first_line(e)}") from None
         return cls(client, run.info.run_id)
 
-    def _guard(self, action: str, fn: Any, *args: Any, **kwargs: Any) -> None:
-        if self._broken:
-            return
+    def _send(self, fn: Any, *args: Any) -> str | None:
+        """``fn(*args)`` with retries of transient errors; the error's first line if it fails."""
         try:
-            fn(*args, **kwargs)
+            retrying(fn, *args)
+            return None
         except Exception as e:
-            self._broken = True
-            print(
-                f"warning: MLflow {action} failed ({first_line(e)}); training goes on "
-                "untracked and its outputs are still written",
-                file=sys.stderr,
-            )
+            return first_line(e)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Log a point live; if the store stays unusable, keep it for ``end`` to resend."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
-        self._guard("logging", self._client.log_batch, self.run_id, metrics=batch)
+        self._history.extend(batch)
+        if self._live and (error := self._send(self._client.log_batch, self.run_id, batch)):
+            self._live = False
+            print(
+                f"warning: MLflow logging failed ({error}); training goes on, and its metrics "
+                "will be sent again when the run ends",
+                file=sys.stderr,
+            )
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self._guard(
-            "artifact upload", self._client.log_artifact, self.run_id, str(path), artifact_path
-        )
+        if error := self._send(self._client.log_artifact, self.run_id, str(path), artifact_path):
+            self._unsent.append(f"artifact {Path(path).name} ({error})")
 
     def end(self, status: str = "FINISHED") -> None:
-        """Close the run as FINISHED, FAILED or KILLED."""
-        self._guard("closing the run", self._client.set_terminated, self.run_id, status)
+        """Close the run as FINISHED, FAILED or KILLED, after resending the whole metric history
+        if live logging broke (identical points are stored once, so this cannot duplicate).
+        Whatever still cannot be sent is named in one warning line."""
+        if not self._live:
+            for i in range(0, len(self._history), BATCH):
+                chunk = self._history[i : i + BATCH]
+                if error := self._send(self._client.log_batch, self.run_id, chunk):
+                    steps = sorted({m.step for m in self._history[i:]})
+                    self._unsent.append(f"metrics at steps {steps[0]}..{steps[-1]} ({error})")
+                    break
+        if error := self._send(self._client.set_terminated, self.run_id, status):
+            self._unsent.append(f"its {status} status, so it shows RUNNING ({error})")
+        if self._unsent:
+            print(
+                f"warning: MLflow run {self.run_id} is incomplete: could not send "
+                f"{'; '.join(self._unsent)}; the stage's outputs are written all the same",
+                file=sys.stderr,
+            )
+
+
+def _experiment_id(client: Any, uri: str) -> str:
+    """The project's experiment, created on first use; a parallel creator may win the race."""
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if uri.startswith("sqlite:///") and "MLFLOW_TRACKING_URI" not in os.environ:
+        location = (project_root() / "mlartifacts").as_uri()
+    try:
+        return client.create_experiment(EXPERIMENT, artifact_location=location)
+    except Exception:
+        experiment = client.get_experiment_by_name(EXPERIMENT)  # created by a sibling meanwhile
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def is_transient(e: BaseException) -> bool:
+    """A store error worth retrying: a locked SQLite file, a server restarting or overloaded."""
+    text = f"{type(e).__name__} {e}".lower()
+    return any(marker in text for marker in TRANSIENT)
+
+
+def retrying(fn: Any, *args: Any, delays: tuple[float, ...] | None = None, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``, retried after each of ``delays`` seconds on a transient error."""
+    for delay in (*(RETRY_DELAYS if delays is None else delays), None):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            if delay is None or not is_transient(e):
+                raise
+            time.sleep(delay)
+    raise AssertionError("unreachable")
