@@ -14,6 +14,7 @@ untracked.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import http.client
 import os
 import subprocess
@@ -21,7 +22,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +47,8 @@ DVC_TAGS = {
     "DVC_EXP_BASELINE_REV": "dvc_baseline_rev",
     "DVC_STAGE": "dvc_stage",
 }
-# Errors that pass: SQLite's lock held by a parallel writer (it waits 5 s before saying so), a
-# server restarting or overloaded. Retried after each delay, 31 s in all.
+# Errors that pass: SQLite's lock held by a parallel writer (MLflow waits 20 s for it before it
+# says so), a server restarting or overloaded. Retried after each delay, 7 s of pauses in all.
 TRANSIENT = (
     "database is locked",
     "database table is locked",
@@ -62,7 +63,7 @@ TRANSIENT = (
     "502",
     "504",
 )
-RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0, 16.0)
+RETRY_DELAYS = (1.0, 2.0, 4.0)
 BATCH = 1000  # MLflow's limit of metrics per log_batch
 
 
@@ -153,8 +154,9 @@ class Run:
         try:
             from mlflow import MlflowClient
 
-            client = MlflowClient(tracking_uri=uri)
-            experiment_id = retrying(_experiment_id, client, uri)
+            with _initialising(uri):  # the first use of a store creates its tables
+                client = MlflowClient(tracking_uri=uri)
+                experiment_id = retrying(_experiment_id, client, uri)
             all_tags = {
                 "git_commit": _git_commit() or "unknown",
                 "mlflow.source.name": "dvc.yaml",
@@ -224,6 +226,23 @@ class Run:
                 f"{'; '.join(self._unsent)}; the stage's outputs are written all the same",
                 file=sys.stderr,
             )
+
+
+@contextlib.contextmanager
+def _initialising(uri: str) -> Iterator[None]:
+    """One process at a time for a SQLite store's set-up: MLflow creates and migrates its tables
+    on first use, and parallel first users (a `dvc queue start -j 2` on a new store) would race
+    through the same migration and fail."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    with open(db.with_name(f"{db.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _experiment_id(client: Any, uri: str) -> str:

@@ -1,0 +1,191 @@
+"""Runs land in MLflow complete with parallel writers and a store that is locked for a while.
+
+Real SQLite stores, real processes: several writers logging to one file at once, and another
+process holding the database's exclusive lock (what a long write of a sibling does).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from nnbp import tracking
+from tests.conftest import BIN, clean_env
+
+POINTS = 30
+WRITER = textwrap.dedent(
+    """
+    import sys
+    from nnbp.tracking import Run
+    name, points = sys.argv[1], int(sys.argv[2])
+    run = Run.start(name, {"writer": name})
+    for step in range(points):
+        run.log_metrics({"loss": 1 / (step + 1), "train_acc": step, "test_acc": step}, step)
+    run.end("FINISHED")
+    """
+)
+
+
+def _runs(db: Path) -> dict[str, tuple[str, dict[str, list[int]]]]:
+    """name -> (status, metric key -> sorted steps) of every run in the store."""
+    with sqlite3.connect(db) as con:
+        runs = con.execute("SELECT run_uuid, name, status FROM runs").fetchall()
+        out = {}
+        for run_id, name, status in runs:
+            rows = con.execute("SELECT key, step FROM metrics WHERE run_uuid = ?", (run_id,))
+            steps: dict[str, list[int]] = {}
+            for key, step in rows:
+                steps.setdefault(key, []).append(step)
+            out[name] = (status, {k: sorted(v) for k, v in steps.items()})
+    return out
+
+
+def _env(db: Path) -> dict[str, str]:
+    return clean_env(NNBP_TRACKING="on", MLFLOW_TRACKING_URI=f"sqlite:///{db}")
+
+
+@pytest.mark.slow
+def test_parallel_writers_on_a_new_store_all_land_finished_and_complete(tmp_path: Path) -> None:
+    db = tmp_path / "mlflow.db"
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, f"w{i}", str(POINTS)],
+            env=_env(db),
+            cwd=tmp_path,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(4)
+    ]
+    errors = [w.communicate(timeout=300)[1] for w in writers]
+    assert [w.returncode for w in writers] == [0] * 4, errors
+    runs = _runs(db)
+    assert sorted(runs) == ["w0", "w1", "w2", "w3"]
+    for status, steps in runs.values():
+        assert status == "FINISHED"
+        assert steps == {k: list(range(POINTS)) for k in ("loss", "train_acc", "test_acc")}
+
+
+def _lock(db: Path, seconds: float) -> subprocess.Popen:
+    """Another process holding the store's exclusive lock for ``seconds``."""
+    code = (
+        "import sqlite3, sys, time; con = sqlite3.connect(sys.argv[1], isolation_level=None); "
+        "con.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); "
+        "time.sleep(float(sys.argv[2])); con.execute('COMMIT')"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(db), str(seconds)], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    db = tmp_path / "mlflow.db"
+    monkeypatch.setenv("NNBP_TRACKING", "on")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    tracking.Run.start("warm-up", {}).end()  # the tables exist before anything is locked
+    return db
+
+
+@pytest.mark.slow
+def test_a_store_locked_past_sqlites_timeout_is_retried_and_nothing_is_lost(
+    store: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tracking.Run.start("locked", {"x": 1})
+    locker = _lock(store, 24)  # beyond MLflow's 20 s busy timeout: it raises "database is locked"
+    start = time.monotonic()
+    run.log_metrics({"loss": 0.5}, step=0)
+    assert time.monotonic() - start > 20  # it did meet the lock, and waited past its error
+    locker.wait()
+    run.log_metrics({"loss": 0.25}, step=1)
+    run.end()
+    assert "warning" not in capsys.readouterr().err  # retried, not given up
+    assert _runs(store)["locked"] == ("FINISHED", {"loss": [0, 1]})
+
+
+def _server(store: Path, port: int) -> subprocess.Popen:
+    """A real `mlflow server` on 127.0.0.1:``port`` over the SQLite file ``store``, healthy."""
+    proc = subprocess.Popen(
+        [
+            *(str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{store}"),
+            *("--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
+        ],
+        env=clean_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return proc
+        except OSError:
+            time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail(f"mlflow server on port {port} did not come up")
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.slow
+def test_a_server_that_restarts_mid_run_leaves_it_complete_or_names_what_is_missing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tracking, "RETRY_DELAYS", (0.2,))  # give up on the live log quickly
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    store = tmp_path / "server.db"
+    server = _server(store, port)
+    monkeypatch.setenv("NNBP_TRACKING", "on")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # ours are the retries tested
+    try:
+        restarted, lost = tracking.Run.start("restarted", {}), tracking.Run.start("lost", {})
+        for run in (restarted, lost):
+            run.log_metrics({"loss": 1.0}, step=0)
+        _kill(server)  # the server dies mid-run
+        for step in (10, 20):
+            restarted.log_metrics({"loss": 1 / step}, step=step)
+            lost.log_metrics({"loss": 1 / step}, step=step)
+        first = capsys.readouterr().err.strip().splitlines()
+        lost.end()  # with the server still down: nothing more can be sent
+        lost_line = capsys.readouterr().err.strip().splitlines()
+        server = _server(store, port)  # back
+        restarted.end()  # resends its whole history
+        assert capsys.readouterr().err == ""
+    finally:
+        _kill(server)
+    # live logging gave up once per run, in one line, and said what happens next
+    assert len(first) == 2 and all("will be sent again when the run ends" in x for x in first)
+    assert len(lost_line) == 1
+    assert lost_line[0].startswith(f"warning: MLflow run {lost.run_id} is incomplete: could not ")
+    assert "metrics at steps 0..20" in lost_line[0]
+    assert "its FINISHED status, so it shows RUNNING" in lost_line[0]
+    runs = _runs(store)
+    assert runs["restarted"] == ("FINISHED", {"loss": [0, 10, 20]})
+    assert runs["lost"] == ("RUNNING", {"loss": [0]})  # for the orphan closer to find
+
+
+def test_transient_errors_are_told_from_lasting_ones() -> None:
+    assert tracking.is_transient(RuntimeError("(sqlite3.OperationalError) database is locked"))
+    assert tracking.is_transient(ConnectionError("Connection refused"))
+    assert tracking.is_transient(RuntimeError("API request failed with error code 503"))
+    assert not tracking.is_transient(RuntimeError("RESOURCE_DOES_NOT_EXIST: run not found"))
+    assert not tracking.is_transient(PermissionError("attempt to write a readonly database"))
