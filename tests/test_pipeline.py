@@ -8,14 +8,16 @@ store. They are slow (a minute or two) and marked so.
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy.ndimage import zoom
 
-from tests.conftest import clean_env, copy_repo, dvc
+from tests.conftest import clean_env, copy_repo, dvc, git
 
 ITERS, LOG_EVERY = 40, 20
 CONFIGS = ("h25", "h100", "h100_l2")
@@ -131,6 +133,64 @@ def test_exp_run_gradient_exact_changes_every_configuration(repo: Path) -> None:
     exact = _metrics(repo)
     for name in CONFIGS:
         assert lab[name]["loss"] != exact[name]["loss"]
+
+
+def _wait_for_queue(root: Path, timeout: float = 900) -> str:
+    """Poll `dvc queue status` until nothing is queued or running; its last output."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = _dvc(root, "queue", "status")
+        if not re.search(r"\b(Queued|Running)\b", status):
+            return status
+        time.sleep(2)
+    pytest.fail(f"the queue did not drain in {timeout} s:\n{status}")
+
+
+def test_grid_sweep_in_two_workers_lands_every_run_complete(repo: Path) -> None:
+    baseline = git(repo, "rev-parse", "HEAD").strip()
+    out = _dvc(repo, "exp", "run", "--queue", "-S", "lamb=0.001,0.002,0.003")
+    assert out.count("Queued experiment") == 3
+    _dvc(repo, "queue", "start", "-j", "2")
+    status = _wait_for_queue(repo)
+    assert status.count("Success") >= 3 and "Failed" not in status
+    # `dvc exp show` lists the three experiments with their metrics
+    shown = json.loads(_dvc(repo, "exp", "show", "--json"))
+    exps = {
+        e["name"]: rev["data"]
+        for base in shown
+        for e in base.get("experiments") or []
+        for rev in e["revs"]
+        if rev["data"]["params"]["params.yaml"]["data"]["lamb"] in (0.001, 0.002, 0.003)
+    }
+    assert len(exps) == 3
+    for data in exps.values():
+        assert set(data["metrics"]["reports/metrics.json"]["data"]) == set(CONFIGS)
+    # MLflow: one FINISHED run per configuration and experiment, with every log point and the
+    # experiment's name and baseline commit; no run anywhere in the store is left RUNNING
+    with sqlite3.connect(repo / "mlflow.db") as db:
+        tags = db.execute(
+            "SELECT run_uuid, key, value FROM tags WHERE key IN "
+            "('dvc_experiment', 'dvc_baseline_rev')"
+        ).fetchall()
+        by_run: dict[str, dict[str, str]] = {}
+        for run_id, key, value in tags:
+            by_run.setdefault(run_id, {})[key] = value
+        swept = {r: t for r, t in by_run.items() if t.get("dvc_experiment") in exps}
+        assert len(swept) == 9
+        for run_id, run_tags in swept.items():
+            assert run_tags["dvc_baseline_rev"] == baseline
+            status, config = db.execute(
+                "SELECT status, (SELECT value FROM params WHERE run_uuid = runs.run_uuid "
+                "AND key = 'config') FROM runs WHERE run_uuid = ?",
+                (run_id,),
+            ).fetchone()
+            assert status == "FINISHED" and config in CONFIGS
+            steps = db.execute(
+                "SELECT key, step FROM metrics WHERE run_uuid = ? ORDER BY key, step", (run_id,)
+            ).fetchall()
+            for key in ("loss", "train_acc", "test_acc"):
+                assert [s for k, s in steps if k == key] == list(range(0, ITERS + 1, LOG_EVERY))
+        assert db.execute("SELECT COUNT(*) FROM runs WHERE status = 'RUNNING'").fetchone() == (0,)
 
 
 def test_temp_experiment_logs_to_the_workspace_store(repo: Path) -> None:
