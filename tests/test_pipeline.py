@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
+import subprocess
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 from scipy.ndimage import zoom
 
-from tests.conftest import clean_env, copy_repo, dvc, git
+from tests.conftest import ROOT, clean_env, copy_repo, dvc, git
 
 ITERS, LOG_EVERY = 40, 20
 CONFIGS = ("h25", "h100", "h100_l2")
@@ -239,3 +240,26 @@ def test_lab_file_runs_with_the_documented_command(repo: Path) -> None:
         arrays = dict(data)
     np.savez(path, **{**arrays, "X_train": arrays["X_train"] * 2})
     assert "Running stage 'prepare'" in _dvc(repo, "repro")
+
+
+def test_readmes_way_back_to_the_baseline_restores_it(repo: Path) -> None:
+    # (last in this module: it commits the copy's current state as its baseline)
+    git(repo, "add", "--all")
+    git(repo, "commit", "--quiet", "--no-verify", "-m", "baseline")
+    files = ("params.yaml", "dvc.lock", "reports/metrics.json", "reports/results.md")
+    committed = {f: (repo / f).read_bytes() for f in files}
+    _dvc(repo, "exp", "run", "-S", "lamb=0.004")
+    assert (repo / "params.yaml").read_bytes() != committed["params.yaml"]  # DVC left it so
+    readme = (ROOT / "README.md").read_text().splitlines()
+    way_back = next(line for line in readme if line.startswith("git checkout -- params.yaml"))
+    subprocess.run(
+        way_back,  # the README's command, as written there
+        shell=True,
+        cwd=repo,
+        env=TRACKED,
+        check=True,
+        capture_output=True,
+    )
+    assert {f: (repo / f).read_bytes() for f in files} == committed
+    status = _dvc(repo, "status")
+    assert "up to date" in status, status
