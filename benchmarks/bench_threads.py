@@ -73,7 +73,8 @@ def sibling(source: str) -> None:
 
 
 def _run_worker(source: str, threads: list[int], iters: int, repeats: int, coretype: str | None):
-    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
+    unset = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")  # both together (see the README)
+    env = {k: v for k, v in os.environ.items() if k not in unset}
     if coretype:
         env["OPENBLAS_CORETYPE"] = coretype
     cmd = [sys.executable, __file__, "--worker", source, "--iters", str(iters)]
@@ -93,7 +94,8 @@ def main() -> None:
     parser.add_argument("--threads", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return worker(args.worker, [int(t) for t in args.threads.split(",")], args.iters, args.repeats)
+        threads = [int(t) for t in args.threads.split(",")]
+        return worker(args.worker, threads, args.iters, args.repeats)
     if args.sibling:
         return sibling(args.sibling)
 
