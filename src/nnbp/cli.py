@@ -24,6 +24,7 @@ from typing import Any
 import click
 
 from nnbp.data import DataError
+from nnbp.params import ParamsError, config_name_problem
 from nnbp.tracking import TrackingError
 
 INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
@@ -72,7 +73,25 @@ def interrupted(e: BaseException) -> None:
 
 
 class Stage(click.Command):
-    """A stage script's command: every error ends in one line on stderr and a non-zero exit."""
+    """A stage script's command: every error ends in one line on stderr and a non-zero exit.
+
+    Every option also answers to its params.yaml spelling, ``--log_every`` for ``--log-every``:
+    DVC's ``${item}`` turns a configuration's keys into options verbatim.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        dashed = {
+            "--" + opt[2:].replace("-", "_"): opt
+            for param in self.params
+            for opt in param.opts
+            if opt.startswith("--") and "-" in opt[2:]
+        }
+
+        def spelt(arg: str) -> str:
+            name, eq, value = arg.partition("=")
+            return dashed[name] + eq + value if name in dashed else arg
+
+        return super().parse_args(ctx, [spelt(a) for a in args])
 
     def main(  # type: ignore[override]
         self,
@@ -106,6 +125,14 @@ class FiniteFloatRange(click.FloatRange):
         return rv
 
 
+def config_name(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """Click callback: a configuration name must be a plain file name (it names its outputs)."""
+    problem = config_name_problem(value)
+    if problem is not None:
+        raise click.BadParameter(problem, ctx, param)
+    return value
+
+
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn the user's mistakes and environment faults into one line on stderr and exit 1.
 
@@ -119,7 +146,7 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             with _sigterm_interrupts():
                 return fn(*args, **kwargs)
-        except (DataError, TrackingError) as e:
+        except (DataError, ParamsError, TrackingError) as e:
             raise click.ClickException(_one_line(e)) from None
         except OSError as e:
             where = f"{e.filename}: " if e.filename else ""
