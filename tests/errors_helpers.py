@@ -481,6 +481,39 @@ def wait_for_training(db: Path, proc: subprocess.Popen, timeout: float = 120) ->
     raise AssertionError("training did not start in time")
 
 
+def stage_processes(root: Path, script: str = "stages/train.py") -> list[int]:
+    """Pids of the running ``python SCRIPT`` processes whose working folder is ``root``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            if script.encode() in argv[:3] and (proc / "cwd").resolve() == root.resolve():
+                found.append(int(proc.name))
+        except OSError:  # gone, or not ours to read
+            continue
+    return found
+
+
+def wait_gone(pids: list[int], timeout: float) -> list[int]:
+    """The pids of ``pids`` still alive after up to ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    alive = list(pids)
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = [p for p in alive if Path(f"/proc/{p}").exists() and not _zombie(p)]
+    return alive
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat[stat.rindex(")") + 2] == "Z"
+
+
 def init_mlflow_store(db: Path) -> None:
     """Create an MLflow SQLite store (its tables) and the project's experiment, with artifacts
     beside it, so that a stage's first use of it prints nothing."""

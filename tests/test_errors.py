@@ -41,7 +41,9 @@ from tests.errors_helpers import (
     snapshot,
     stage_cmd,
     stage_env,
+    stage_processes,
     wait_for_training,
+    wait_gone,
     with_option,
 )
 
@@ -591,6 +593,51 @@ def test_dvc_interruption(repro_restores, mlflow_uri: str):
     assert "Traceback" not in output, output
     assert "interrupted (Ctrl-C): stopped; no output is half-written" in output, output
     assert mlflow_statuses(uri) == ["KILLED"]
+    assert leftover_temp_files(project) == []
+    outs = ("models/h25.npz", "reports/history/h25.json")
+    _unchanged_but_stage_outs(before, snapshot(project), outs)
+
+
+SHELLS = [s for s in ("/bin/bash", "/bin/sh") if Path(s).exists()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shell", SHELLS, ids=[Path(s).name for s in SHELLS])
+def test_sigterm_to_dvc_ends_the_stage_with_its_run_killed(repro_restores, mlflow_uri, shell):
+    """`kill -TERM <dvc>` alone (a supervisor stopping DVC): the stage ends with DVC, writes
+    nothing, closes its run as KILLED. bash runs the stage as DVC's child; dash (/bin/sh) keeps
+    itself between them, so the stage must follow its grandparent there."""
+    project, before = repro_restores
+    set_param(project, "iters", "1000000")
+    set_param(project, "log_every", "1000")
+    db = Path(mlflow_uri.removeprefix("sqlite:///"))
+    env = stage_env(mlflow_uri, SHELL=shell)
+    stages: list[int] = []
+    with subprocess.Popen(
+        [str(Path(stage_cmd("train")[0]).parent / "dvc"), "repro", "train@h25"],
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    ) as proc:
+        try:
+            wait_for_training(db, proc)
+            stages = stage_processes(project)
+            assert len(stages) == 1, stages
+            proc.send_signal(signal.SIGTERM)  # DVC only, not its process group
+            output, _ = proc.communicate(timeout=60)  # EOF once the stage has closed its end too
+            alive = wait_gone(stages, timeout=30)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            for pid in stage_processes(project):  # an orphaned stage: never leave it training
+                os.kill(pid, signal.SIGKILL)
+    assert alive == [], "the stage trained on after DVC was killed"
+    assert "terminated (SIGTERM): stopped; no output is half-written" in output, output
+    assert "Traceback" not in output, output
+    assert mlflow_statuses(mlflow_uri) == ["KILLED"]
     assert leftover_temp_files(project) == []
     outs = ("models/h25.npz", "reports/history/h25.json")
     _unchanged_but_stage_outs(before, snapshot(project), outs)

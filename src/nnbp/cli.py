@@ -6,7 +6,8 @@ A stage is ``@click.command(cls=Stage)`` over a function decorated with ``@user_
   line ``Error: Invalid value for '--tau': ...`` and exit status 2, without Click's usage lines;
 - bad data, an unusable tracking store, an output that cannot be written (read-only or full
   disk) or running out of memory is one line ``Error: ...`` and exit status 1;
-- Ctrl-C is one line and exit status 130, SIGTERM likewise with 143.
+- Ctrl-C is one line and exit status 130, SIGTERM likewise with 143; under DVC, a stage gets
+  SIGTERM when DVC dies (``nnbp.parent``), so it never trains on as an orphan.
 
 Outputs are written atomically (``nnbp.io``), so whatever was there before is left as it was.
 """
@@ -25,6 +26,7 @@ import click
 
 from nnbp.data import DataError
 from nnbp.params import ParamsError, config_name_problem
+from nnbp.parent import end_with_dvc
 from nnbp.tracking import TrackingError
 
 INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
@@ -105,6 +107,8 @@ class Stage(click.Command):
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
             with _sigterm_interrupts():
+                if getattr(self.callback, "__module__", None) == "__main__":  # the program itself
+                    end_with_dvc()  # SIGTERM, handled like any other, when DVC dies
                 status = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.ClickException as e:  # UsageError (exit 2) included
             fail(e.format_message(), e.exit_code)
