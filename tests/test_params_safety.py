@@ -111,11 +111,21 @@ def test_shell_syntax_without_a_quote_passes_the_check_as_plain_text(tmp_path: P
         ({"hidden": [25], "x;touch PWNED": 1}, "configs.h25: 'x;touch PWNED' is not a training"),
         ({"hidden": [25], "lamb": True}, "configs.h25.lamb must be a number or a string, got True"),
         ({"hidden": [25], "lamb": {"a": 1}}, "configs.h25.lamb must be a number or a string"),
+        ({"hidden": [25], "tau": [0.1, 0.2]}, "configs.h25.tau must be a number or a string"),
         ({"hidden": [25, "1'"]}, 'configs.h25.hidden = "1\'" holds a single quote'),
         ({"hiden": [25]}, "configs.h25: 'hiden' is not a training parameter"),
         (25, "configs.h25 must be a mapping of training parameters"),
     ],
-    ids=["quote", "key", "boolean", "mapping", "list item", "misspelt key", "not a mapping"],
+    ids=[
+        "quote",
+        "key",
+        "boolean",
+        "mapping",
+        "list for one value",
+        "list item",
+        "misspelt key",
+        "not a mapping",
+    ],
 )
 def test_a_configuration_that_cannot_be_unpacked_safely_is_refused(tmp_path: Path, config, message):
     proc = _check(tmp_path, _set(PARAMS, "configs.h25", config))

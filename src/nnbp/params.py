@@ -33,6 +33,7 @@ INTERPOLATION = re.compile(r"(?<!\\)\$\{(?P<inner>.*?)\}")
 CONFIG_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
 OPTION_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # `${item}` turns a key into `--KEY`
 PINNABLE_EXTRA = ("hidden",)  # configuration keys besides the top-level training defaults
+LIST_KEYS = ("hidden",)  # the one option given once per item (`--hidden 100 --hidden 50`)
 
 
 class ParamsError(ValueError):
@@ -116,7 +117,10 @@ def _check_item(source: str, label: str, item: Any, pinnable: tuple[str, ...]) -
                 f"{source}: {label}: {str(key)!r} is not a training parameter "
                 f"(a configuration may pin {', '.join(pinnable)})"
             )
-        # DVC renders true as a bare flag and false as nothing: a pin would silently vanish.
+        # DVC renders true as a bare flag and false as nothing, and a list as the option given
+        # once per item, of which train.py keeps the last: such a pin would silently vanish.
+        if isinstance(value, list) and key not in LIST_KEYS:
+            raise ParamsError(f"{source}: {where} must be a number or a string, got a list")
         values = value if isinstance(value, list) else [value]
         for v in values:
             if isinstance(v, bool) or v is None or isinstance(v, Mapping | list):
