@@ -269,6 +269,8 @@ def attacked(project: Path):
     to the reproduced commit (params, lock and outputs) for the next test."""
     yield project
     leaked = sorted(str(p.relative_to(project)) for p in project.rglob("PWNED*"))
+    for name in leaked:  # so that the next test starts clean
+        (project / name).unlink()
     _git(project, "checkout", "--quiet", "--force", "HEAD", "--", ".")
     proc = _dvc(project, "checkout", "--force")
     assert proc.returncode == 0, proc.stdout + proc.stderr
