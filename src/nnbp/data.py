@@ -200,14 +200,19 @@ def available_memory() -> int | None:
     return max(min(limits), 0) if limits else None
 
 
-def _check_memory(path: Path, headers: dict[str, ArrayHeader]) -> None:
-    need = sum(h.nbytes for h in headers.values())
-    free = available_memory()
-    if free is not None and need > free:
-        raise DataError(
-            f"{path}: its arrays need {_size(need)} once inflated, more than the {_size(free)} "
-            "of memory available; refused before inflating"
-        )
+def _check_memory(path: Path, headers: dict[str, ArrayHeader], extra: int = 0) -> None:
+    """Refuse an archive whose arrays, plus ``extra`` bytes of work on them, cannot fit in the
+    memory available, before any of them is inflated."""
+    inflated = sum(h.nbytes for h in headers.values())
+    need, free = inflated + extra, available_memory()
+    if free is None or need <= free:
+        return
+    what = f"its arrays need {_size(need)} once inflated"
+    if extra:
+        what = f"needs {_size(need)} of memory to load and z-score ({_size(inflated)} inflated)"
+    raise DataError(
+        f"{path}: {what}, more than the {_size(free)} available; refused before inflating"
+    )
 
 
 def _read_npz(path: Path, f: BinaryIO) -> dict[str, np.ndarray]:
@@ -328,7 +333,11 @@ def load_dataset(
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     if suffix == ".npz":
-        _check_lab_shapes(path, npz_headers(path, LAB_KEYS))  # before a byte of data is inflated
+        headers = npz_headers(path, LAB_KEYS)  # before a byte of data is inflated
+        _check_lab_shapes(path, headers)
+        # Besides the arrays: a float64 copy of X_train and X_test, then their z-scored values.
+        features = sum(math.prod(headers[k].shape) for k in ("X_train", "X_test"))
+        _check_memory(path, headers, extra=2 * 8 * features)
         arrays = read_arrays(path, LAB_KEYS)
         X_train = _features(path, "X_train", arrays["X_train"])
         X_test = _features(path, "X_test", arrays["X_test"])
