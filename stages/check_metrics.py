@@ -12,6 +12,10 @@ other way round: a configuration, or a gated metric, missing on either side fail
 
 Prints a Markdown table (config, metric, baseline, new, change, verdict) on stdout, one line per
 regression on stderr, and exits 1 if anything regressed, 0 otherwise.
+
+It also checks that dvc.lock describes the models on disk (``nnbp.lockcheck``): a ``train@NAME``
+entry whose params disagree with the hyperparameters ``models/NAME.npz`` records (two DVC
+commands run in one workspace) fails the gate too, one line per disagreement on stderr.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import yaml
 
 from nnbp.cli import Stage, user_errors
 from nnbp.data import first_line
+from nnbp.lockcheck import lock_mismatches
 
 # metric -> (params key, kind): "points" for an absolute fall of a percentage, "relative" for a
 # relative rise in percent. Only these metrics are gated; others in the files are ignored.
@@ -248,6 +253,22 @@ def table(checks: list[Check]) -> str:
     help="Where the `gate:` tolerances are.",
 )
 @click.option(
+    "--lock",
+    "lock_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default="dvc.lock",
+    show_default=True,
+    help="Checked against the models' own hyperparameters (skipped if absent).",
+)
+@click.option(
+    "--models",
+    "models_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default="models",
+    show_default=True,
+    help="The trained models that --lock must describe.",
+)
+@click.option(
     "--max-test-acc-drop",
     type=click.FloatRange(min=0),
     help="Percentage points test accuracy may fall [params: gate.max_test_acc_drop].",
@@ -268,6 +289,8 @@ def main(
     baseline_ref: str,
     baseline_path: Path | None,
     params_path: Path,
+    lock_path: Path,
+    models_dir: Path,
     max_test_acc_drop: float | None,
     max_train_acc_drop: float | None,
     max_loss_rise: float | None,
@@ -289,12 +312,22 @@ def main(
     if not checks:
         raise GateError(f"nothing to compare: {metrics_path} and {source} hold no configuration")
     failures = [c for c in checks if c.failed]
+    mismatches = []
+    if lock_path.is_file() and models_dir.is_dir():
+        mismatches = lock_mismatches(lock_path, models_dir)
     click.echo(f"Metrics gate: {metrics_path} against {source}\n")
     click.echo(table(checks))
-    if failures:
-        click.echo(f"\nFAILED: {len(failures)} of {len(checks)} checks")
+    if lock_path.is_file() and models_dir.is_dir() and not mismatches:
+        click.echo(f"\n{lock_path}: its params are the hyperparameters {models_dir}/ records")
+    if failures or mismatches:
+        parts = [f"{len(failures)} of {len(checks)} checks"] if failures else []
+        if mismatches:
+            parts.append(f"{lock_path} disagrees with the models on {len(mismatches)} value(s)")
+        click.echo(f"\nFAILED: {'; '.join(parts)}")
         for c in failures:
             click.echo(c.problem, err=True)
+        for line in mismatches:
+            click.echo(line, err=True)
         sys.exit(1)
     click.echo(f"\npassed: {len(checks)} checks")
 

@@ -2,7 +2,8 @@
 
 Writes the weights (``--model``, .npz: W1..WL plus the hyperparameters) and the history of every
 log point (``--history``, JSON rows for ``dvc plots``). Options given twice keep the last value,
-which is how a configuration in ``params.yaml`` overrides the top-level defaults.
+which is how a configuration in ``params.yaml`` overrides the top-level defaults; each option also
+answers to its params.yaml key (``--log_every``), the form ``${item}`` gives it.
 """
 
 import tempfile
@@ -15,14 +16,19 @@ from tqdm import tqdm
 
 from nnbp import plots
 from nnbp.backprop import DTYPES, GRADIENT_RULES, DivergenceError, LogPoint, fit, init_weights
-from nnbp.cli import FiniteFloatRange, Stage, user_errors
+from nnbp.cli import FiniteFloatRange, Stage, config_name, user_errors
 from nnbp.data import file_md5, read_prepared
 from nnbp.io import atomic_paths, save_npz, write_json
 from nnbp.tracking import Run
 
 
 @click.command(cls=Stage)
-@click.option("--name", required=True, help="The configuration's name (a key of `configs`).")
+@click.option(
+    "--name",
+    required=True,
+    callback=config_name,
+    help="The configuration's name (a key of `configs`): a plain file name.",
+)
 @click.option(
     "--hidden",
     type=click.IntRange(min=1),

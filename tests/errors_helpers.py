@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import io
 import os
 import pickle
 import re
 import sqlite3
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -356,6 +360,97 @@ def make_bad_input(name: str, good: Path, folder: Path) -> Path:
     return path
 
 
+# --- zip bombs: .npz archives written by hand, so that a member can inflate to gigabytes ------
+
+
+@dataclass
+class ZipMember:
+    """One zip entry: its compressed ``chunks``, CRC and uncompressed size (``declared`` is the
+    size its headers claim, the true one unless a test makes it lie)."""
+
+    name: str
+    chunks: list[bytes]
+    crc: int
+    size: int
+    method: int = 8  # deflated
+    declared: int | None = None
+
+
+def npy_header(shape: tuple[int, ...], dtype: str = "<f8") -> bytes:
+    out = io.BytesIO()
+    header = {"descr": dtype, "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(out, header)
+    return out.getvalue()
+
+
+def deflated_zeros(name: str, prefix: bytes, zeros: int) -> ZipMember:
+    """``prefix`` then ``zeros`` zero bytes, deflated at 1030:1 in a second or so: one 16 MiB
+    block compressed once and repeated (each copy ends with a full flush, so copies chain)."""
+    block = 16 << 20
+    full, rest = divmod(zeros, block)
+
+    def deflate(data: bytes, mode: int) -> bytes:
+        c = zlib.compressobj(9, zlib.DEFLATED, -15)
+        return c.compress(data) + c.flush(mode)
+
+    segment = deflate(bytes(block), zlib.Z_FULL_FLUSH)
+    chunks = [deflate(prefix, zlib.Z_FULL_FLUSH), *[segment] * full]
+    chunks.append(deflate(bytes(rest), zlib.Z_FINISH))
+    crc, zero_block = zlib.crc32(prefix), bytes(block)
+    for _ in range(full):
+        crc = zlib.crc32(zero_block, crc)
+    return ZipMember(name, chunks, zlib.crc32(bytes(rest), crc), len(prefix) + zeros)
+
+
+def npy_member(name: str, array: np.ndarray, method: int = 8) -> ZipMember:
+    out = io.BytesIO()
+    np.lib.format.write_array(out, array, allow_pickle=False)
+    raw = out.getvalue()
+    if method == 8:
+        c = zlib.compressobj(9, zlib.DEFLATED, -15)
+        data = c.compress(raw) + c.flush()
+    else:
+        data = raw
+    return ZipMember(name, [data], zlib.crc32(raw), len(raw), method)
+
+
+def write_zip(path: Path, members: list[ZipMember]) -> Path:
+    """A plain (not Zip64) archive of ``members``: local headers, data, central directory."""
+    central = []
+    with path.open("wb") as f:
+        for m in members:
+            offset, name = f.tell(), m.name.encode()
+            csize, usize = sum(map(len, m.chunks)), m.declared if m.declared else m.size
+            fields = (20, 0, m.method, 0, 0x21, m.crc, csize, usize, len(name), 0)
+            f.write(struct.pack("<IHHHHHIIIHH", 0x04034B50, *fields) + name)
+            for chunk in m.chunks:
+                f.write(chunk)
+            central.append(
+                struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, *fields, 0, 0, 0, 0, offset)
+                + name
+            )
+        start = f.tell()
+        for entry in central:
+            f.write(entry)
+        n, size = len(central), f.tell() - start
+        f.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, n, n, size, start, 0))
+    return path
+
+
+def npz_bomb(good: Path, path: Path, nbytes: int = 3 * 10**9, consistent: bool = False) -> Path:
+    """The issue's bomb: ``good``'s arrays, but ``X_train`` inflates to ``nbytes`` of zeros
+    (3 GB from 2.9 MB). ``consistent`` gives it as many labels as examples, so that only
+    its size can betray it."""
+    arrays = _good(good)
+    d = arrays["X_train"].shape[0]
+    n = nbytes // (8 * d)
+    members = [deflated_zeros("X_train.npy", npy_header((d, n)), n * d * 8)]
+    if consistent:
+        arrays["y_train"] = np.ones((n, 1), dtype=np.int64)
+    members += [npy_member(f"{k}.npy", v) for k, v in arrays.items() if k != "X_train"]
+    return write_zip(path, members)
+
+
 # --- MLflow runs ----------------------------------------------------------------------------
 
 
@@ -384,6 +479,39 @@ def wait_for_training(db: Path, proc: subprocess.Popen, timeout: float = 120) ->
             return
         time.sleep(0.2)
     raise AssertionError("training did not start in time")
+
+
+def stage_processes(root: Path, script: str = "stages/train.py") -> list[int]:
+    """Pids of the running ``python SCRIPT`` processes whose working folder is ``root``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            if script.encode() in argv[:3] and (proc / "cwd").resolve() == root.resolve():
+                found.append(int(proc.name))
+        except OSError:  # gone, or not ours to read
+            continue
+    return found
+
+
+def wait_gone(pids: list[int], timeout: float) -> list[int]:
+    """The pids of ``pids`` still alive after up to ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    alive = list(pids)
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = [p for p in alive if Path(f"/proc/{p}").exists() and not _zombie(p)]
+    return alive
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat[stat.rindex(")") + 2] == "Z"
 
 
 def init_mlflow_store(db: Path) -> None:

@@ -8,6 +8,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import yaml
 from click.testing import CliRunner
 
 from tests.conftest import BIN, ROOT, clean_env, dvc, git, set_params
+from tests.errors_helpers import stage_processes
 
 SCRIPT = ROOT / "stages" / "check_metrics.py"
 _spec = importlib.util.spec_from_file_location("check_metrics", SCRIPT)
@@ -293,3 +295,55 @@ def test_degraded_run_fails_the_gate_and_an_unchanged_run_passes(repo_copy):
         check=True,
     )
     assert "h25" not in diff.stdout
+
+
+@pytest.mark.slow
+def test_a_lock_corrupted_by_two_dvc_commands_fails_the_gate(repo_copy):
+    """Issue 11, finding 7, as it happens: `dvc exp run -S iters=10` started while `dvc repro`
+    trains is refused by DVC's lock but rewrites params.yaml, and the repro then records
+    iters 10 in dvc.lock beside a model trained with 100,000."""
+    repo = repo_copy(iters=20, log_every=10)
+    env = clean_env()
+    dvc(repo, "repro", env=env)
+    result = _script(repo, "--baseline", "reports/metrics.json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "dvc.lock: its params are the hyperparameters models/ records" in result.stdout
+
+    set_params(repo, iters=100_000, log_every=1000)
+    with subprocess.Popen(
+        [str(BIN / "dvc"), "repro", "train@h25"],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    ) as repro:
+        try:
+            deadline = time.monotonic() + 120
+            while not stage_processes(repo):
+                assert repro.poll() is None, repro.communicate()
+                assert time.monotonic() < deadline, "the stage did not start"
+                time.sleep(0.1)
+            second = subprocess.run(
+                [str(BIN / "dvc"), "exp", "run", "-S", "iters=10"],
+                cwd=repo,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            output, _ = repro.communicate(timeout=600)
+        finally:
+            if repro.poll() is None:
+                repro.kill()
+    assert second.returncode != 0, "the second DVC command was not refused"
+    assert "after 100000 iterations" in output, output
+    assert "iters: 10\n" in (repo / "dvc.lock").read_text(), "DVC's race did not happen"
+
+    result = _script(repo, "--baseline", "reports/metrics.json")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr.splitlines() == [
+        "dvc.lock disagrees with models/h25.npz: iters is 10 in dvc.lock but 100000 in the "
+        "model (two DVC commands in one workspace?); run dvc repro -f train@h25"
+    ]
+    assert "FAILED: dvc.lock disagrees with the models on 1 value(s)" in result.stdout

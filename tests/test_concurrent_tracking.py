@@ -175,7 +175,7 @@ def test_a_server_that_restarts_mid_run_leaves_it_complete_or_names_what_is_miss
     # live logging gave up once per run, in one line, and said what happens next
     assert len(first) == 2 and all("will be sent again when the run ends" in x for x in first)
     assert len(lost_line) == 1
-    assert lost_line[0].startswith(f"warning: MLflow run {lost.run_id} is incomplete: could not ")
+    assert lost_line[0].startswith(f"warning: MLflow run lost ({lost.run_id}) is incomplete: ")
     assert "metrics at steps 0..20" in lost_line[0]
     assert "its FINISHED status, so it shows RUNNING" in lost_line[0]
     runs = _runs(store)

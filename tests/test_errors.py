@@ -41,7 +41,9 @@ from tests.errors_helpers import (
     snapshot,
     stage_cmd,
     stage_env,
+    stage_processes,
     wait_for_training,
+    wait_gone,
     with_option,
 )
 
@@ -401,29 +403,43 @@ def test_prepare_into_a_file(unchanged: Path, tmp_path: Path):
     )
 
 
-def _read_only_folder(workspace: Path) -> tuple[Path, object]:
-    """A folder this process cannot write in, and a function that undoes the change."""
-    if os.geteuid() != 0:
-        folder = workspace / "models"
-        folder.chmod(0o555)
-        return folder, lambda: folder.chmod(0o755)
-    for folder in (Path("/sys"), Path("/proc")):  # root ignores permissions, not these
-        try:
-            (folder / ".nnbp_probe").open("w").close()
-        except OSError:
-            return folder, lambda: None
-        (folder / ".nnbp_probe").unlink()
-    pytest.skip("no folder is read-only for root here")
-
-
-def test_read_only_output_folder(unchanged: Path):
-    folder, undo = _read_only_folder(unchanged)
-    try:
-        model = folder / "h25.npz"
-        proc = invoke("train", *with_option(TRAIN_ARGS, "--model", str(model)), cwd=unchanged)
-    finally:
-        undo()
-    assert_one_line_error(proc, f"Error: {model}: cannot be written (", status=1)
+def test_read_only_output_folder(unchanged: Path, tmp_path: Path):
+    """A read-only file system, the way even root meets one (root writes through permission
+    bits, so a chmod-ed folder proves nothing): a tmpfs holding the previous model and history,
+    remounted read-only in a private mount namespace."""
+    unshare = _unshare()
+    if unshare is None:
+        pytest.skip("cannot mount a tmpfs in a private mount namespace here")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    args = with_option(TRAIN_ARGS, "--model", f"{ro}/h25.npz")
+    args = with_option(args, "--history", f"{ro}/h25.json")
+    script = f"""
+        mount -t tmpfs -o size=1m tmpfs {ro} || exit 99
+        cp models/h25.npz reports/history/h25.json {ro}/
+        mount -o remount,ro {ro} || exit 98
+        touch {ro}/probe 2>/dev/null && exit 97
+        "$@"; rc=$?
+        sha256sum {ro}/h25.npz {ro}/h25.json >&2
+        ls -A {ro} >&2
+        exit $rc
+    """
+    proc = subprocess.run(
+        [*unshare, "sh", "-c", script, "sh", *stage_cmd("train", *args)],
+        cwd=unchanged,
+        env=stage_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1, proc.stderr
+    first, *rest = error_lines(proc.stderr)
+    assert first == f"Error: {ro}/h25.npz: cannot be written (Read-only file system in {ro})"
+    sums = dict(reversed(line.split()) for line in rest[:2])
+    before = snapshot(unchanged)
+    assert sums[f"{ro}/h25.npz"] == before["models/h25.npz"]
+    assert sums[f"{ro}/h25.json"] == before["reports/history/h25.json"]
+    assert rest[2:] == ["h25.json", "h25.npz"], "temporary files were left behind"
 
 
 def _file_size_limit(limit: int):
@@ -526,9 +542,9 @@ def _assert_dvc_failed(proc: subprocess.CompletedProcess, *fragments: str) -> No
 
 
 def _unchanged_but_stage_outs(before: dict, after: dict, stage_outs: tuple[str, ...]) -> None:
-    """Outputs other than the failed stage's are unchanged. DVC deletes a stage's outputs
-    before running it (unless `persist: true`), so those are either unchanged or gone; the
-    fixture checks that the next `dvc repro` brings them back."""
+    """Every output is still there, byte for byte: the failed stage's own (``stage_outs``,
+    which must exist: every output of dvc.yaml is `persist: true`, so DVC does not delete it
+    before the run and a failed run must leave it as it was) and all the others."""
 
     def split(snap: dict) -> tuple[dict, dict]:
         mine = {k: v for k, v in snap.items() if k.startswith(stage_outs)}
@@ -536,8 +552,10 @@ def _unchanged_but_stage_outs(before: dict, after: dict, stage_outs: tuple[str, 
 
     mine_before, others_before = split(before)
     mine_after, others_after = split(after)
+    assert mine_before, f"no output {stage_outs} to compare with"
+    assert sorted(mine_after) == sorted(mine_before), "an output of the failed stage is gone"
+    assert mine_after == mine_before, "an output of the failed stage changed"
     assert others_after == others_before
-    assert mine_after in (mine_before, {})
 
 
 @pytest.mark.slow
@@ -597,6 +615,51 @@ def test_dvc_interruption(repro_restores, mlflow_uri: str):
     assert "Traceback" not in output, output
     assert "interrupted (Ctrl-C): stopped; no output is half-written" in output, output
     assert mlflow_statuses(uri) == ["KILLED"]
+    assert leftover_temp_files(project) == []
+    outs = ("models/h25.npz", "reports/history/h25.json")
+    _unchanged_but_stage_outs(before, snapshot(project), outs)
+
+
+SHELLS = [s for s in ("/bin/bash", "/bin/sh") if Path(s).exists()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shell", SHELLS, ids=[Path(s).name for s in SHELLS])
+def test_sigterm_to_dvc_ends_the_stage_with_its_run_killed(repro_restores, mlflow_uri, shell):
+    """`kill -TERM <dvc>` alone (a supervisor stopping DVC): the stage ends with DVC, writes
+    nothing, closes its run as KILLED. bash runs the stage as DVC's child; dash (/bin/sh) keeps
+    itself between them, so the stage must follow its grandparent there."""
+    project, before = repro_restores
+    set_param(project, "iters", "1000000")
+    set_param(project, "log_every", "1000")
+    db = Path(mlflow_uri.removeprefix("sqlite:///"))
+    env = stage_env(mlflow_uri, SHELL=shell)
+    stages: list[int] = []
+    with subprocess.Popen(
+        [str(Path(stage_cmd("train")[0]).parent / "dvc"), "repro", "train@h25"],
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    ) as proc:
+        try:
+            wait_for_training(db, proc)
+            stages = stage_processes(project)
+            assert len(stages) == 1, stages
+            proc.send_signal(signal.SIGTERM)  # DVC only, not its process group
+            output, _ = proc.communicate(timeout=60)  # EOF once the stage has closed its end too
+            alive = wait_gone(stages, timeout=30)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            for pid in stage_processes(project):  # an orphaned stage: never leave it training
+                os.kill(pid, signal.SIGKILL)
+    assert alive == [], "the stage trained on after DVC was killed"
+    assert "terminated (SIGTERM): stopped; no output is half-written" in output, output
+    assert "Traceback" not in output, output
+    assert mlflow_statuses(mlflow_uri) == ["KILLED"]
     assert leftover_temp_files(project) == []
     outs = ("models/h25.npz", "reports/history/h25.json")
     _unchanged_but_stage_outs(before, snapshot(project), outs)

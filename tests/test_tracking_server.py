@@ -201,17 +201,13 @@ def _stop(proc: subprocess.Popen) -> None:
             continue
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def mlflow_server(request, tmp_path) -> Iterator[Server]:
-    """`mlflow server` on a free 127.0.0.1 port, serving artifacts from a temporary folder."""
-    backend = request.param
-    folder = tmp_path / "server"
-    folder.mkdir()
-    if backend == "postgresql":
-        store = request.getfixturevalue("postgres_db")
-    else:
-        store = f"sqlite:///{folder / 'mlflow.db'}"
-    artifacts, port = folder / "artifacts", _free_port()
+def start_server(
+    folder: Path, store: str, port: int | None = None
+) -> tuple[subprocess.Popen, Server]:
+    """`mlflow server` on 127.0.0.1 (a free port unless given), backed by ``store``, serving
+    artifacts from ``folder``/artifacts; returns once it answers /health. Stop it with ``_stop``."""
+    backend = store.split(":", 1)[0].split("+", 1)[0]
+    artifacts, port = folder / "artifacts", port or _free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [
         str(BIN / "mlflow"),
@@ -230,7 +226,7 @@ def mlflow_server(request, tmp_path) -> Iterator[Server]:
     ]
     log_path = folder / "server.log"
     start = time.monotonic()
-    with open(log_path, "wb") as log:
+    with open(log_path, "ab") as log:
         proc = subprocess.Popen(
             cmd,
             cwd=folder,
@@ -256,7 +252,25 @@ def mlflow_server(request, tmp_path) -> Iterator[Server]:
                     f"{log_path.read_text()[-3000:]}"
                 )
             time.sleep(0.5)
-        yield Server(url, artifacts, backend, time.monotonic() - start)
+    except BaseException:
+        _stop(proc)
+        raise
+    return proc, Server(url, artifacts, backend, time.monotonic() - start)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def mlflow_server(request, tmp_path) -> Iterator[Server]:
+    """`mlflow server` on a free 127.0.0.1 port, serving artifacts from a temporary folder."""
+    backend = request.param
+    folder = tmp_path / "server"
+    folder.mkdir()
+    if backend == "postgresql":
+        store = request.getfixturevalue("postgres_db")
+    else:
+        store = f"sqlite:///{folder / 'mlflow.db'}"
+    proc, server = start_server(folder, store)
+    try:
+        yield server
     finally:
         _stop(proc)
 
@@ -498,3 +512,73 @@ def test_train_stage_through_dvc_fails_at_once_on_a_closed_port(prepared_repo):
     assert f"MLflow tracking server {url} cannot be reached" in result.stderr
     assert seconds < 2 * FAST, f"took {seconds:.1f} s"
     assert not (prepared_repo / "models" / "h25.npz").exists()
+
+
+# --- a server that dies mid-run ------------------------------------------------------------
+
+
+def _server_runs(db: Path) -> dict[str, tuple[str, int]]:
+    """run id -> (status, metric rows), read from the server's SQLite store directly."""
+    import sqlite3
+
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
+        rows = con.execute(
+            "SELECT r.run_uuid, r.status, (SELECT COUNT(*) FROM metrics m "
+            "WHERE m.run_uuid = r.run_uuid) FROM runs r"
+        ).fetchall()
+    return {run_id: (status, n) for run_id, status, n in rows}
+
+
+@pytest.mark.slow
+def test_a_run_left_running_by_a_dead_server_is_closed_by_the_next_run(prepared_repo, tmp_path):
+    """The server dies while a stage trains; the stage goes on untracked and ends while the
+    server is still down, so its run stays RUNNING. Once the server is back, the next training
+    run closes it as FAILED (its process is gone), and runs itself to FINISHED."""
+    folder = tmp_path / "server"
+    folder.mkdir()
+    db = folder / "mlflow.db"
+    port = _free_port()
+    server_proc, server = start_server(folder, f"sqlite:///{db}", port)
+    env = clean_env(MLFLOW_TRACKING_URI=server.url, NNBP_TRACKING="on")
+    options = train_args(
+        iters=LONG, log_every=1000, model="out-dead/h25.npz", history="out-dead/h25.json"
+    )
+    training = subprocess.Popen(
+        [sys.executable, "stages/train.py", *options],
+        cwd=prepared_repo,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not any(n for _, n in _server_runs(db).values()):
+            assert training.poll() is None, training.communicate()
+            assert time.monotonic() < deadline, "training did not start in time"
+            time.sleep(0.2)
+        (orphan,) = _server_runs(db)
+        _stop(server_proc)  # the server dies mid-run
+        first = training.stderr.readline()  # the stage reports the failure and trains on
+        training.send_signal(signal.SIGTERM)  # ... and ends while the server is still down
+        _, rest = training.communicate(timeout=180)
+    finally:
+        if training.poll() is None:
+            training.kill()
+        _stop(server_proc)
+    assert first.startswith("warning: MLflow logging failed ("), first
+    assert f"warning: MLflow run h25 ({orphan}) is incomplete: could not send " in rest, rest
+    assert "so it shows RUNNING until the next training run" in rest
+    assert "Traceback" not in rest
+    assert _server_runs(db)[orphan][0] == "RUNNING"
+
+    server_proc, server = start_server(folder, f"sqlite:///{db}", port)  # back, same store
+    try:
+        result, _ = _train(prepared_repo, "out-next", ITERS, **env)
+        runs = _server_runs(db)
+    finally:
+        _stop(server_proc)
+    assert result.returncode == 0, result.stderr
+    assert f"note: closed MLflow run h25 ({orphan[:8]}) as FAILED" in result.stdout
+    assert runs.pop(orphan)[0] == "FAILED"
+    assert [status for status, _ in runs.values()] == ["FINISHED"]

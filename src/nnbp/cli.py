@@ -6,7 +6,8 @@ A stage is ``@click.command(cls=Stage)`` over a function decorated with ``@user_
   line ``Error: Invalid value for '--tau': ...`` and exit status 2, without Click's usage lines;
 - bad data, an unusable tracking store, an output that cannot be written (read-only or full
   disk) or running out of memory is one line ``Error: ...`` and exit status 1;
-- Ctrl-C is one line and exit status 130, SIGTERM likewise with 143.
+- Ctrl-C is one line and exit status 130, SIGTERM likewise with 143; under DVC, a stage gets
+  SIGTERM when DVC dies (``nnbp.parent``), so it never trains on as an orphan.
 
 Outputs are written atomically (``nnbp.io``), so whatever was there before is left as it was.
 """
@@ -24,6 +25,8 @@ from typing import Any
 import click
 
 from nnbp.data import DataError
+from nnbp.params import ParamsError, config_name_problem
+from nnbp.parent import end_with_dvc
 from nnbp.tracking import TrackingError
 
 INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
@@ -72,7 +75,25 @@ def interrupted(e: BaseException) -> None:
 
 
 class Stage(click.Command):
-    """A stage script's command: every error ends in one line on stderr and a non-zero exit."""
+    """A stage script's command: every error ends in one line on stderr and a non-zero exit.
+
+    Every option also answers to its params.yaml spelling, ``--log_every`` for ``--log-every``:
+    DVC's ``${item}`` turns a configuration's keys into options verbatim.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        dashed = {
+            "--" + opt[2:].replace("-", "_"): opt
+            for param in self.params
+            for opt in param.opts
+            if opt.startswith("--") and "-" in opt[2:]
+        }
+
+        def spelt(arg: str) -> str:
+            name, eq, value = arg.partition("=")
+            return dashed[name] + eq + value if name in dashed else arg
+
+        return super().parse_args(ctx, [spelt(a) for a in args])
 
     def main(  # type: ignore[override]
         self,
@@ -86,6 +107,8 @@ class Stage(click.Command):
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
             with _sigterm_interrupts():
+                if getattr(self.callback, "__module__", None) == "__main__":  # the program itself
+                    end_with_dvc()  # SIGTERM, handled like any other, when DVC dies
                 status = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.ClickException as e:  # UsageError (exit 2) included
             fail(e.format_message(), e.exit_code)
@@ -106,6 +129,14 @@ class FiniteFloatRange(click.FloatRange):
         return rv
 
 
+def config_name(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """Click callback: a configuration name must be a plain file name (it names its outputs)."""
+    problem = config_name_problem(value)
+    if problem is not None:
+        raise click.BadParameter(problem, ctx, param)
+    return value
+
+
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn the user's mistakes and environment faults into one line on stderr and exit 1.
 
@@ -119,7 +150,7 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             with _sigterm_interrupts():
                 return fn(*args, **kwargs)
-        except (DataError, TrackingError) as e:
+        except (DataError, ParamsError, TrackingError) as e:
             raise click.ClickException(_one_line(e)) from None
         except OSError as e:
             where = f"{e.filename}: " if e.filename else ""

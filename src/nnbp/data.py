@@ -2,12 +2,20 @@
 
 Every problem with a file is a ``DataError`` whose message is one line naming the file.
 Arrays are read with ``allow_pickle=False``: an archive that carries a pickle is refused, never run.
+Before an ``.npz`` member is inflated, its ``.npy`` header (shape, dtype) is read and checked
+against its zip entry and against what its compressed bytes can honestly hold, and the whole
+archive against the memory available: a zip bomb is refused in a fraction of a second, having
+inflated only its headers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
+import os
+import resource
+import zipfile
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -18,6 +26,10 @@ import numpy as np
 from nnbp.backprop import zscore
 
 LAB_KEYS = ("X_train", "y_train", "X_test", "y_test")
+# DEFLATE codes a 258-byte match in no less than 2 bits: 1032 output bytes per input byte at most
+# (zlib's technical notes). A member that claims more than that inflates to a lie.
+DEFLATE_MAX_RATIO = 1032
+_NPY_HEADER_MAX = 10_000  # NumPy's own limit on the header it parses
 
 
 class DataError(ValueError):
@@ -34,19 +46,52 @@ class Dataset:
     y_test: np.ndarray
 
 
+@dataclass(frozen=True)
+class ArrayHeader:
+    """What an ``.npz`` member's ``.npy`` header declares, before any of its data is read."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    nbytes: int
+
+
 def read_arrays(path: str | Path, keys: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
-    """Every array of an ``.npz`` file (checking that ``keys`` are among them), loaded eagerly."""
+    """Every array of an ``.npz`` file (checking that ``keys`` are among them), loaded eagerly
+    once ``npz_headers`` has vouched for every member."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     try:
         with path.open("rb") as f:  # ours to close: np.load leaks its file on a bad archive
-            return _read_npz(path, f, keys)
+            headers = _npz_headers(path, f, keys)
+            _check_memory(path, headers)
+            f.seek(0)
+            return _read_npz(path, f)
     except OSError as e:
         raise DataError(f"{path}: cannot be read ({e.strerror or first_line(e)})") from None
 
 
-def _read_npz(path: Path, f: BinaryIO, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+def npz_headers(path: str | Path, keys: tuple[str, ...] = ()) -> dict[str, ArrayHeader]:
+    """The header of every array of an ``.npz`` file, read without inflating any data and
+    checked (see ``_npz_headers``); ``keys`` must be among them."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        with path.open("rb") as f:
+            return _npz_headers(path, f, keys)
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror or first_line(e)})") from None
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _check_signature(path: Path, f: BinaryIO) -> None:
     magic = f.read(6)
     f.seek(0)
     if magic.startswith(b"\x93NUMPY"):
@@ -56,12 +101,123 @@ def _read_npz(path: Path, f: BinaryIO, keys: tuple[str, ...]) -> dict[str, np.nd
     if not magic.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         what = "an empty file" if not magic else "no zip signature"
         raise DataError(f"{path}: not an .npz archive ({what})")
+
+
+def _member_header(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> ArrayHeader:
+    """One member's header, checked against its zip entry before any of its data is inflated."""
+    key = info.filename.removesuffix(".npy")
+    if info.compress_type == zipfile.ZIP_STORED:
+        method, most = "stored", info.compress_size
+    elif info.compress_type == zipfile.ZIP_DEFLATED:
+        method, most = "deflated", info.compress_size * DEFLATE_MAX_RATIO + _NPY_HEADER_MAX
+    else:  # bzip2 and lzma have no such bound; NumPy never writes them
+        raise DataError(
+            f"{path}: array '{key}' is compressed with zip method {info.compress_type}; "
+            "only stored or deflated arrays are read (np.savez, np.savez_compressed)"
+        )
+    if info.file_size > most:
+        raise DataError(
+            f"{path}: array '{key}' claims {_size(info.file_size)} from "
+            f"{_size(info.compress_size)} of {method} data, more than that can hold; refused "
+            "before inflating (a zip bomb or a damaged archive)"
+        )
+    with archive.open(info) as member:  # inflates the header's few hundred bytes, no more
+        try:
+            version = np.lib.format.read_magic(member)
+        except ValueError:
+            raise DataError(f"{path}: member '{info.filename}' is not a .npy array") from None
+        read_header = {
+            (1, 0): np.lib.format.read_array_header_1_0,
+            (2, 0): np.lib.format.read_array_header_2_0,
+        }.get(version)
+        if read_header is None:
+            raise DataError(f"{path}: array '{key}' has .npy format {version}, not 1.0 or 2.0")
+        try:
+            shape, _, dtype = read_header(member, max_header_size=_NPY_HEADER_MAX)
+        except ValueError as e:
+            why = first_line(e)
+            raise DataError(f"{path}: array '{key}' has a bad .npy header ({why})") from None
+        header_size = member.tell()
+    if dtype.hasobject:
+        raise DataError(f"{path}: array '{key}' holds Python objects (a pickle); refused")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if header_size + nbytes != info.file_size:
+        raise DataError(
+            f"{path}: array '{key}' declares shape {shape} of {dtype} ({_size(nbytes)}) but its "
+            f"zip entry holds {_size(max(info.file_size - header_size, 0))}; refused before "
+            "inflating"
+        )
+    return ArrayHeader(tuple(shape), dtype, nbytes)
+
+
+def _npz_headers(path: Path, f: BinaryIO, keys: tuple[str, ...]) -> dict[str, ArrayHeader]:
+    _check_signature(path, f)
+    try:
+        with zipfile.ZipFile(f) as archive:
+            headers: dict[str, ArrayHeader] = {}
+            for info in archive.infolist():
+                if not info.filename.endswith(".npy"):
+                    raise DataError(f"{path}: member '{info.filename}' is not a .npy array")
+                key = info.filename.removesuffix(".npy")
+                if key in headers:
+                    raise DataError(f"{path}: holds two arrays named '{key}'")
+                headers[key] = _member_header(path, archive, info)
+    except DataError:
+        raise
+    except Exception as e:
+        # zipfile raises a zoo of types (BadZipFile, EOFError, zlib.error, NotImplementedError,
+        # RuntimeError for an encrypted member...) for a damaged archive.
+        raise DataError(f"{path}: not a readable .npz archive ({first_line(e)})") from None
+    missing = [k for k in keys if k not in headers]
+    if missing:
+        found = ", ".join(headers) or "none"
+        raise DataError(f"{path}: missing array(s) {', '.join(missing)} (found: {found})")
+    return headers
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still allocate, as far as Linux tells: the smallest of the free
+    memory (MemAvailable), a cgroup's remaining limit and the address-space limit (RLIMIT_AS)
+    less what is mapped; None where none of them can be read."""
+    limits = []
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        meminfo = Path("/proc/meminfo").read_text()
+        line = next(x for x in meminfo.splitlines() if x.startswith("MemAvailable:"))
+        limits.append(int(line.split()[1]) * 1024)
+    with contextlib.suppress(OSError, ValueError):
+        cgroup = Path("/sys/fs/cgroup")
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            limits.append(int(limit) - int((cgroup / "memory.current").read_text()))
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        mapped = 0
+        with contextlib.suppress(OSError, ValueError, StopIteration):
+            status = Path(f"/proc/{os.getpid()}/status").read_text()
+            line = next(x for x in status.splitlines() if x.startswith("VmSize:"))
+            mapped = int(line.split()[1]) * 1024
+        limits.append(soft - mapped)
+    return max(min(limits), 0) if limits else None
+
+
+def _check_memory(path: Path, headers: dict[str, ArrayHeader], extra: int = 0) -> None:
+    """Refuse an archive whose arrays, plus ``extra`` bytes of work on them, cannot fit in the
+    memory available, before any of them is inflated."""
+    inflated = sum(h.nbytes for h in headers.values())
+    need, free = inflated + extra, available_memory()
+    if free is None or need <= free:
+        return
+    what = f"its arrays need {_size(need)} once inflated"
+    if extra:
+        what = f"needs {_size(need)} of memory to load and z-score ({_size(inflated)} inflated)"
+    raise DataError(
+        f"{path}: {what}, more than the {_size(free)} available; refused before inflating"
+    )
+
+
+def _read_npz(path: Path, f: BinaryIO) -> dict[str, np.ndarray]:
     try:
         with np.load(f, allow_pickle=False) as archive:
-            missing = [k for k in keys if k not in archive.files]
-            if missing:
-                found = ", ".join(archive.files) or "none"
-                raise DataError(f"{path}: missing array(s) {', '.join(missing)} (found: {found})")
             arrays = {}
             for name in archive.files:
                 try:
@@ -138,6 +294,27 @@ def _labels(path: Path, name: str, y: np.ndarray, n: int, classes: int) -> np.nd
     return y.astype(np.int64)
 
 
+def _check_lab_shapes(path: Path, headers: dict[str, ArrayHeader]) -> None:
+    """The checks of ``_features`` and ``_labels`` that need only the shapes, made on the
+    headers (same messages): an archive whose arrays do not fit together is refused unread."""
+    X = {}
+    for name in ("X_train", "X_test"):
+        shape = headers[name].shape
+        if len(shape) != 2:
+            raise DataError(f"{path}: {name} must be 2-D (features x examples), got shape {shape}")
+        X[name] = shape
+    for name, n in (("y_train", X["X_train"][1]), ("y_test", X["X_test"][1])):
+        shape = headers[name].shape
+        if len(shape) > 2 or (len(shape) == 2 and 1 not in shape):
+            raise DataError(f"{path}: {name} must be a vector (n,) or (n, 1), got shape {shape}")
+        if math.prod(shape) != n:
+            raise DataError(f"{path}: {name} has {math.prod(shape)} labels for {n} examples")
+    if X["X_train"][0] != X["X_test"][0]:
+        raise DataError(
+            f"{path}: X_train has {X['X_train'][0]} features but X_test has {X['X_test'][0]}"
+        )
+
+
 def load_dataset(
     path: str | Path, *, classes: int = 10, n_train: int = 1000, split_seed: int = 0
 ) -> Dataset:
@@ -156,6 +333,11 @@ def load_dataset(
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     if suffix == ".npz":
+        headers = npz_headers(path, LAB_KEYS)  # before a byte of data is inflated
+        _check_lab_shapes(path, headers)
+        # Besides the arrays: a float64 copy of X_train and X_test, then their z-scored values.
+        features = sum(math.prod(headers[k].shape) for k in ("X_train", "X_test"))
+        _check_memory(path, headers, extra=2 * 8 * features)
         arrays = read_arrays(path, LAB_KEYS)
         X_train = _features(path, "X_train", arrays["X_train"])
         X_test = _features(path, "X_test", arrays["X_test"])

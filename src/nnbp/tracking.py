@@ -8,7 +8,11 @@ is DVC's ``DVC_ROOT``, which DVC points at the workspace even when ``dvc exp run
 
 Tracking never costs a training result: the store is checked before training starts (one clear
 line if it cannot be used), and a failure later is reported once, after which the run goes on
-untracked.
+untracked; MLflow's own log records are one line each, and an exception it logs is left to us to
+report. A run is never left RUNNING for good: the run records its host and process (tags
+``nnbp.host``, ``nnbp.pid``, ``nnbp.process``), and the start of every run, or
+``stages/close_orphan_runs.py``, closes as FAILED the RUNNING runs of this host whose process is
+gone (``kill -9``, a store that was down when the run ended).
 """
 
 from __future__ import annotations
@@ -16,13 +20,16 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import http.client
+import logging
 import os
+import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -127,12 +134,174 @@ def _check_reachable(uri: str) -> None:
             )
 
 
+class _OneLine(logging.Filter):
+    """MLflow's log records as one line each. A record that carries an exception (SQLAlchemy's
+    full traceback when the store is locked) is dropped: MLflow raises that exception to us too,
+    and it is reported once, in one line, by the caller."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info:
+            return False
+        record.msg, record.args = _one_line(record.getMessage()), None
+        return True
+
+
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _quiet_mlflow_logging() -> None:
+    for handler in logging.getLogger("mlflow").handlers:  # MLflow's own, set up on import
+        if not any(isinstance(f, _OneLine) for f in handler.filters):
+            handler.addFilter(_OneLine())
+
+
+# --- the process behind a run, to tell an orphan from a run still training -----------------
+
+PROCESS_TAGS = ("nnbp.host", "nnbp.pid", "nnbp.process")
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _started(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot), None if there is no such process."""
+    stat = _read(f"/proc/{pid}/stat")
+    if stat is None:
+        return None
+    return stat[stat.rindex(")") + 2 :].split()[19]  # field 22, starttime
+
+
+def _pid_namespace() -> str | None:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def process_tags() -> dict[str, str]:
+    """Tags naming this process so that another one can later tell whether it still runs: its
+    host and pid, and (on Linux) its boot, pid namespace and start time, which tell a pid
+    reused after a reboot or by another container apart."""
+    pid = os.getpid()
+    token = {"boot": _read("/proc/sys/kernel/random/boot_id"), "pidns": _pid_namespace()}
+    token["start"] = _started(pid)
+    process = " ".join(f"{k}={v}" for k, v in token.items() if v)
+    return {"nnbp.host": socket.gethostname(), "nnbp.pid": str(pid), "nnbp.process": process}
+
+
+def process_alive(tags: Mapping[str, str]) -> bool | None:
+    """Whether the process that ``tags`` (``process_tags``) name still runs; None when this
+    process cannot tell (another host or container, or no such tags)."""
+    host, pid = tags.get("nnbp.host"), tags.get("nnbp.pid", "")
+    if host != socket.gethostname() or not pid.isdigit():
+        return None
+    then = dict(kv.split("=", 1) for kv in tags.get("nnbp.process", "").split() if "=" in kv)
+    if then.get("pidns") != _pid_namespace():
+        return None  # the same host name, another pid namespace: its pids mean nothing here
+    if "boot" in then and then["boot"] != _read("/proc/sys/kernel/random/boot_id"):
+        return False  # the machine rebooted since
+    if "start" in then:
+        return _started(int(pid)) == then["start"]  # None (gone) or another process
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass(frozen=True)
+class Orphan:
+    run_id: str
+    name: str
+    host: str
+    pid: str
+
+
+def close_orphans(client: Any, experiment_id: str, by: str) -> list[Orphan]:
+    """Close as FAILED every RUNNING run of ``experiment_id`` whose process is gone (this host
+    only); its end time is its last logged metric, a tag says what happened."""
+    closed, token = [], None
+    while True:
+        page = client.search_runs(
+            [experiment_id], "attributes.status = 'RUNNING'", max_results=1000, page_token=token
+        )
+        for run in page:
+            tags = run.data.tags
+            if process_alive(tags) is not False:
+                continue
+            orphan = Orphan(run.info.run_id, run.info.run_name, tags["nnbp.host"], tags["nnbp.pid"])
+            stamps = [m.timestamp for m in client.get_metric_history(orphan.run_id, "loss")]
+            end = max([run.info.start_time or 0, *stamps]) or None
+            why = (
+                f"process {orphan.pid} on {orphan.host} ended without closing this run "
+                f"(killed, or the store was unreachable); closed as FAILED by {by}"
+            )
+            client.set_tag(orphan.run_id, "nnbp.orphaned", why)
+            client.set_terminated(orphan.run_id, "FAILED", end_time=end)
+            closed.append(orphan)
+        token = page.token
+        if not token:
+            return closed
+
+
+def orphan_note(orphan: Orphan) -> str:
+    return (
+        f"note: closed MLflow run {orphan.name} ({orphan.run_id[:8]}) as FAILED: its process "
+        f"{orphan.pid} on {orphan.host} is gone"
+    )
+
+
+def _client(uri: str) -> Any:
+    for key, value in MLFLOW_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    from mlflow import MlflowClient
+
+    _quiet_mlflow_logging()
+    return MlflowClient(tracking_uri=uri)
+
+
+def close_orphan_runs() -> tuple[str, list[Orphan]] | None:
+    """``close_orphans`` in the project's experiment of the current store: (its URI, the runs
+    closed); None when tracking is off. ``TrackingError`` when the store cannot be used."""
+    uri = tracking_uri()
+    if uri is None:
+        return None
+    _check_reachable(uri)
+    try:
+        client = _client(uri)
+        experiment = client.get_experiment_by_name(EXPERIMENT)
+        if experiment is None:
+            return uri, []
+        return uri, close_orphans(client, experiment.experiment_id, "close_orphan_runs.py")
+    except Exception as e:
+        raise TrackingError(f"MLflow store {uri} cannot be used: {first_line(e)}") from None
+
+
+def _close_orphans_before(client: Any, experiment_id: str, name: str) -> None:
+    """``close_orphans`` as a run starts; a failure there never stops the training."""
+    by = f"the next run ({os.environ.get('DVC_STAGE') or name})"
+    try:
+        for orphan in close_orphans(client, experiment_id, by):
+            print(orphan_note(orphan))
+    except Exception as e:
+        print(f"warning: MLflow: orphaned runs not checked ({first_line(e)})", file=sys.stderr)
+
+
 class Run:
     """One MLflow run, named after a configuration. Use ``Run.start`` to open it."""
 
-    def __init__(self, client: Any, run_id: str) -> None:
+    def __init__(self, client: Any, run_id: str, name: str = "") -> None:
         self._client = client
         self.run_id = run_id
+        self.name = name
         self._history: list[Any] = []  # every metric logged, with its timestamp, in order
         self._live = True  # False once live logging gave up: the rest waits for end()
         self._unsent: list[str] = []  # what end() could not deliver either
@@ -149,17 +318,15 @@ class Run:
         if uri is None:
             return None
         _check_reachable(uri)
-        for key, value in MLFLOW_DEFAULTS.items():
-            os.environ.setdefault(key, value)
         try:
-            from mlflow import MlflowClient
-
             with _initialising(uri):  # the first use of a store creates its tables
-                client = MlflowClient(tracking_uri=uri)
+                client = _client(uri)
                 experiment_id = retrying(_experiment_id, client, uri)
+            _close_orphans_before(client, experiment_id, name)
             all_tags = {
                 "git_commit": _git_commit() or "unknown",
                 "mlflow.source.name": "dvc.yaml",
+                **process_tags(),
             }
             for var, tag in DVC_TAGS.items():
                 if os.environ.get(var):
@@ -178,7 +345,7 @@ class Run:
                 raise
         except Exception as e:
             raise TrackingError(f"MLflow store {uri} cannot be used: {first_line(e)}") from None
-        return cls(client, run.info.run_id)
+        return cls(client, run.info.run_id, name)
 
     def _send(self, fn: Any, *args: Any) -> str | None:
         """``fn(*args)`` with retries of transient errors; the error's first line if it fails."""
@@ -219,10 +386,13 @@ class Run:
                     self._unsent.append(f"metrics at steps {steps[0]}..{steps[-1]} ({error})")
                     break
         if error := self._send(self._client.set_terminated, self.run_id, status):
-            self._unsent.append(f"its {status} status, so it shows RUNNING ({error})")
+            self._unsent.append(
+                f"its {status} status, so it shows RUNNING until the next training run or "
+                f"`python stages/close_orphan_runs.py` closes it as FAILED ({error})"
+            )
         if self._unsent:
             print(
-                f"warning: MLflow run {self.run_id} is incomplete: could not send "
+                f"warning: MLflow run {self.name} ({self.run_id}) is incomplete: could not send "
                 f"{'; '.join(self._unsent)}; the stage's outputs are written all the same",
                 file=sys.stderr,
             )
