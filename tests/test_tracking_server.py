@@ -321,15 +321,19 @@ def test_pipeline_logs_every_configuration_to_the_team_server(mlflow_server, tmp
     found = api.post(
         "runs/search", {"experiment_ids": [experiment["experiment_id"]], "max_results": 1000}
     ).get("runs", [])
-    names = sorted(run["info"]["run_name"] for run in found)
-    assert names == sorted(configs), "expected exactly one run per configuration"
+
+    def config_of(run: dict) -> str:
+        return {p["key"]: p["value"] for p in run["data"].get("params", [])}["config"]
+
+    assert sorted(map(config_of, found)) == sorted(configs), "expected one run per configuration"
     commit = subprocess.run(
         ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True
     ).stdout.strip()
 
     for run in found:
         info, data = run["info"], run["data"]
-        name, run_id = info["run_name"], info["run_id"]
+        name, run_id = config_of(run), info["run_id"]
+        assert info["run_name"] == f"{name} (repro {commit[:7]})"
         config = {**params, **configs[name]}
         assert info["status"] == "FINISHED", name
 
@@ -361,10 +365,9 @@ def test_pipeline_logs_every_configuration_to_the_team_server(mlflow_server, tmp
             assert [m["value"] for m in points] == pytest.approx([row[key] for row in history])
 
         # Artifacts: listed by the server, stored under --artifacts-destination, downloadable.
-        assert {"figures", "model", "history"} <= set(api.artifacts(run_id))
+        assert set(api.artifacts(run_id)) == {"figures", "history"}
         for folder, files in {
             "figures": ["figures/features.png", "figures/curves.png"],
-            "model": [f"model/{name}.npz"],
             "history": [f"history/{name}.json"],
         }.items():
             listed = api.artifacts(run_id, folder)
@@ -373,8 +376,13 @@ def test_pipeline_logs_every_configuration_to_the_team_server(mlflow_server, tmp
                 assert int(listed[path]["file_size"]) > 0
         artifact_uri = info["artifact_uri"]
         assert artifact_uri.startswith("mlflow-artifacts:/"), artifact_uri
-        stored = server.artifacts / artifact_uri.removeprefix("mlflow-artifacts:/").strip("/")
-        assert (stored / "model" / f"{name}.npz").read_bytes() == (
+        # The model: a LoggedModel of the run, its weights the file DVC tracks.
+        (output,) = run["outputs"]["model_outputs"]
+        model = api.get(f"logged-models/{output['model_id']}")["model"]
+        assert model["info"]["source_run_id"] == run_id
+        location = model["info"]["artifact_uri"].removeprefix("mlflow-artifacts:/")
+        stored = server.artifacts / location.strip("/")
+        assert (stored / "artifacts" / f"{name}.npz").read_bytes() == (
             repo / "models" / f"{name}.npz"
         ).read_bytes()
         assert (
