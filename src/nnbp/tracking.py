@@ -432,11 +432,13 @@ def register(weights_path: str | Path, model_name: str, alias: str = "champion")
             version = current
             what = "already"
         else:
-            with contextlib.suppress(MlflowException):  # it exists already
-                client.create_registered_model(model_name)
-            version = client.create_model_version(
-                model_name, model.model_uri, run_id=model.source_run_id, model_id=model.model_id
-            )
+            import mlflow
+
+            # mlflow.register_model, not the client's create_model_version: it also tags the
+            # LoggedModel with its version, which the UI's model list shows.
+            mlflow.set_tracking_uri(uri)
+            mlflow.set_registry_uri(uri)
+            version = mlflow.register_model(model.model_uri, model_name)
             client.set_registered_model_alias(model_name, alias, version.version)
             what = "now"
     except TrackingError:
