@@ -217,7 +217,6 @@ class Run:
         self.run_id = run_id
         self._uri = uri
         self._broken = False
-        self.model_uri: str | None = None  # once ``log_model`` succeeded
 
     @classmethod
     def start(
@@ -336,10 +335,9 @@ class Run:
         ``input_example`` is a few images as rows (n, d); the signature is (n, d) float64
         images in, (n,) int64 digits out.
         """
-        self.model_uri = self._guard(
+        return self._guard(
             "logging the model", self._log_model, name, Path(weights_path), input_example, step
         )
-        return self.model_uri
 
     def _log_model(
         self, name: str, weights_path: Path, input_example: np.ndarray, step: int
