@@ -2,7 +2,8 @@
 
 ``train_images.png`` and ``test_images.png`` (100 random images each, section 2),
 ``features.png`` (the first-layer features of every configuration side by side, section 7) and
-``curves.png`` (loss and accuracies against iterations, every configuration on one chart).
+``curves.png`` (loss and accuracies against iterations, every configuration on one chart); with
+``--curves``, every history in one table too (JSON rows), for ``dvc plots``.
 """
 
 from pathlib import Path
@@ -13,7 +14,7 @@ import numpy as np
 from nnbp import plots
 from nnbp.cli import Stage, user_errors
 from nnbp.data import load_dataset, read_history, read_models, read_prepared
-from nnbp.io import atomic_paths
+from nnbp.io import atomic_paths, write_json
 
 
 @click.command(cls=Stage)
@@ -32,6 +33,13 @@ from nnbp.io import atomic_paths
     help="Picks the shown images.",
 )
 @click.option("--out-dir", type=click.Path(file_okay=False), required=True)
+@click.option(
+    "--curves",
+    "curves_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also write every history in one table (JSON rows), for `dvc plots`.",
+)
 @user_errors
 def main(
     data_path: str,
@@ -43,6 +51,7 @@ def main(
     history_dir: str,
     seed: int,
     out_dir: str,
+    curves_path: str | None,
 ) -> None:
     ds = load_dataset(data_path, classes=classes, n_train=n_train, split_seed=split_seed)
     train, _ = read_prepared(prepared)
@@ -59,10 +68,15 @@ def main(
         )
     figures["features.png"] = plots.feature_grids({n: models[n][0][0] for n in models}, shape)
     figures["curves.png"] = plots.curves(histories)
-    with atomic_paths(*(Path(out_dir) / filename for filename in figures)) as tmps:  # all or none
-        for tmp, fig in zip(tmps, figures.values(), strict=True):
+    paths = [Path(out_dir) / filename for filename in figures]
+    if curves_path is not None:
+        paths.append(Path(curves_path))
+    with atomic_paths(*paths) as tmps:  # all or none
+        for tmp, fig in zip(tmps, figures.values(), strict=False):
             plots.save(fig, tmp)
-    click.echo(f"{out_dir}: {', '.join(figures)}")
+        if curves_path is not None:
+            write_json(tmps[-1], plots.curve_rows(histories))
+    click.echo(f"{out_dir}: {', '.join(figures)}" + (f"; {curves_path}" if curves_path else ""))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 Writes the weights (``--model``, .npz: W1..WL plus the hyperparameters) and the history of every
 log point (``--history``, JSON rows for ``dvc plots``). Options given twice keep the last value,
 which is how a configuration in ``params.yaml`` overrides the top-level defaults; each option also
-answers to its params.yaml key (``--log_every``), the form ``${item}`` gives it.
+answers to its params.yaml key (``--log_every``), the form ``${item}`` gives it. The MLflow run
+gets the data sets as inputs, the metrics of every log point, figures, the history, and the
+MLflow Model built from the weights file (``nnbp.tracking``).
 """
 
 import tempfile
@@ -20,6 +22,8 @@ from nnbp.cli import FiniteFloatRange, Stage, config_name, user_errors
 from nnbp.data import file_md5, read_prepared
 from nnbp.io import atomic_paths, save_npz, write_json
 from nnbp.tracking import Run
+
+EXAMPLES = 5  # test images in the MLflow Model's input example
 
 
 @click.command(cls=Stage)
@@ -105,6 +109,11 @@ def main(
         "n_test": test["X"].shape[1],
     }
     run = Run.start(name, params)  # fails here, before training, if the store is unusable
+    if run is not None:
+        run.log_datasets(
+            data_path,
+            {split: (d["X"].T, d["y"]) for split, d in (("training", train), ("test", test))},
+        )
     history: list[dict[str, float | None]] = []
     bar = tqdm(total=iters, desc=name, unit="it", disable=None, leave=False)  # terminals only
 
@@ -153,8 +162,8 @@ def main(
             write_json(history_tmp, history)
         status = "FINISHED"
         if run is not None:
-            shape = train["image_shape"]
-            _log_results(run, name, weights, history, shape, model_path, history_path)
+            shape, example = train["image_shape"], test["X"][:, :EXAMPLES].T
+            _log_results(run, name, weights, history, shape, model_path, history_path, example)
     except DivergenceError as e:
         raise click.ClickException(
             f"configuration {name} diverged: non-finite loss at iteration {e.iteration} "
@@ -183,16 +192,17 @@ def _log_results(
     shape: np.ndarray,
     model_path: str,
     history_path: str,
+    example: np.ndarray,
 ) -> None:
-    last = history[-1]
-    run.log_metrics({f"final_{k}": v for k, v in last.items() if k != "step"}, step=last["step"])
+    # The last log point is the run's result: MLflow shows each metric's last value, and the
+    # model is linked to the metrics of that step.
+    run.log_model(name, model_path, example, step=int(history[-1]["step"]))
     columns = {k: [row[k] for row in history] for k in history[0]}
     with tempfile.TemporaryDirectory() as tmp:
         plots.save(plots.feature_grids({name: weights[0]}, tuple(shape)), f"{tmp}/features.png")
         plots.save(plots.curves({name: columns}), f"{tmp}/curves.png")
         for figure in ("features.png", "curves.png"):
             run.log_artifact(Path(tmp) / figure, "figures")
-    run.log_artifact(model_path, "model")
     run.log_artifact(history_path, "history")
 
 

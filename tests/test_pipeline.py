@@ -18,6 +18,9 @@ import numpy as np
 import pytest
 from scipy.ndimage import zoom
 
+from nnbp.backprop import predict
+from nnbp.data import file_md5, read_model, read_prepared
+from nnbp.tracking import EXPERIMENT, WEIGHTS_MD5_TAG
 from tests.conftest import BIN, ROOT, clean_env, copy_repo, dvc, git, run
 
 ITERS, LOG_EVERY = 40, 20
@@ -43,9 +46,20 @@ def _metrics(root: Path) -> dict[str, dict[str, float]]:
 
 
 def _runs(root: Path) -> list[tuple[str, str, str]]:
-    """(run name, status, run id) of every MLflow run in the default store, oldest first."""
+    """(configuration, status, run id) of every MLflow run in the default store, oldest first."""
     with sqlite3.connect(root / "mlflow.db") as db:
-        return db.execute("SELECT name, status, run_uuid FROM runs ORDER BY start_time").fetchall()
+        return db.execute(
+            "SELECT p.value, r.status, r.run_uuid FROM runs r JOIN params p"
+            " ON p.run_uuid = r.run_uuid AND p.key = 'config' ORDER BY r.start_time"
+        ).fetchall()
+
+
+def _run_names(root: Path, run_ids: list[str]) -> list[str]:
+    with sqlite3.connect(root / "mlflow.db") as db:
+        return [
+            db.execute("SELECT name FROM runs WHERE run_uuid = ?", (i,)).fetchone()[0]
+            for i in run_ids
+        ]
 
 
 def test_repro_writes_every_output(repo: Path) -> None:
@@ -82,11 +96,16 @@ def test_each_configuration_is_one_finished_mlflow_run_with_step_metrics(repo: P
     first = runs[:3]
     assert [name for name, _, _ in first] == list(CONFIGS)
     assert all(status == "FINISHED" for _, status, _ in first)
+    commit = git(repo, "rev-parse", "--short=7", "HEAD").strip()
+    names = _run_names(repo, [run_id for _, _, run_id in first])
+    assert names == [f"{name} (repro {commit})" for name in CONFIGS]
     with sqlite3.connect(repo / "mlflow.db") as db:
         for name, _, run_id in first:
             steps = db.execute(
                 "SELECT key, step FROM metrics WHERE run_uuid = ? ORDER BY key, step", (run_id,)
             ).fetchall()
+            # the step metrics only: no final_* copies of their last values
+            assert {k for k, _ in steps} == {"loss", "train_acc", "test_acc"}
             for key in ("loss", "train_acc", "test_acc"):
                 assert [s for k, s in steps if k == key] == list(range(0, ITERS + 1, LOG_EVERY))
             params = dict(db.execute("SELECT key, value FROM params WHERE run_uuid = ?", (run_id,)))
@@ -104,9 +123,76 @@ def test_each_configuration_is_one_finished_mlflow_run_with_step_metrics(repo: P
             assert found == {
                 "figures/features.png",
                 "figures/curves.png",
-                f"model/{name}.npz",
                 f"history/{name}.json",
             }
+
+
+def test_each_run_logs_its_model_and_its_datasets(repo: Path) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert experiment.tags["mlflow.experiment.primaryMetric.name"] == "test_acc"
+    digest = file_md5(repo / "data" / "digits.npz")
+    for name, _, run_id in _runs(repo)[:3]:
+        run = client.get_run(run_id)
+        inputs = {
+            i.dataset.name: (i.dataset.digest, {t.key: t.value for t in i.tags})
+            for i in run.inputs.dataset_inputs
+        }
+        assert inputs == {
+            "digits.npz:training": (digest, {"mlflow.data.context": "training"}),
+            "digits.npz:test": (digest, {"mlflow.data.context": "test"}),
+        }
+        (output,) = run.outputs.model_outputs
+        assert output.step == ITERS
+        model = client.get_logged_model(output.model_id)
+        assert (model.name, model.source_run_id, model.status.name) == (name, run_id, "READY")
+        assert model.tags[WEIGHTS_MD5_TAG] == file_md5(repo / "models" / f"{name}.npz")
+        assert {m.key for m in model.metrics} == {"loss", "train_acc", "test_acc"}
+        stored = Path(model.artifact_location.removeprefix("file://"))
+        assert stored.is_relative_to(repo / "mlartifacts")
+        files = {p.relative_to(stored).as_posix() for p in stored.rglob("*") if p.is_file()}
+        # models from code: the model file, the network's code and the weights; no pickle
+        assert {"MLmodel", "mlflow_model.py", "code/nnbp_backprop.py"} <= files
+        assert f"artifacts/{name}.npz" in files
+        assert not [f for f in files if f.endswith((".pkl", ".pickle", ".cloudpickle"))]
+        assert (stored / "artifacts" / f"{name}.npz").read_bytes() == (
+            repo / "models" / f"{name}.npz"
+        ).read_bytes()
+
+
+def test_registration_is_opt_in_and_makes_the_best_configuration_the_champion(
+    repo: Path,
+) -> None:
+    import mlflow
+
+    store = f"sqlite:///{repo / 'mlflow.db'}"
+    client = mlflow.MlflowClient(store, registry_uri=store)
+    assert client.search_registered_models() == []  # dvc repro registers nothing by default
+    out = _dvc(repo, "exp", "run", "-S", "mlflow.register=true")
+    metrics = _metrics(repo)
+    best = max(metrics, key=lambda name: metrics[name]["test_acc"])
+    assert f"best configuration: {best}" in out
+    version = client.get_model_version_by_alias("tp5-digits", "champion")
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(store)
+    try:
+        model = mlflow.pyfunc.load_model("models:/tp5-digits@champion")
+    finally:
+        mlflow.set_tracking_uri(previous)
+    weights, _ = read_model(repo / "models" / f"{best}.npz")
+    _, test = read_prepared(repo / "data" / "prepared")
+    digits = (predict(weights, test["X"]) + 1) % 10
+    np.testing.assert_array_equal(model.predict(test["X"].T), digits)
+    # The same weights again: the champion stays the same version.
+    assert "is already tp5-digits version" in _dvc(
+        repo, "repro", "--force", "--single-item", "register"
+    )
+    again = client.get_model_version_by_alias("tp5-digits", "champion")
+    assert again.version == version.version
+    _dvc(repo, "exp", "run", "-S", "mlflow.register=false")  # as the other tests expect it
 
 
 def test_exp_run_lamb_changes_only_the_unpinned_configurations(repo: Path) -> None:
@@ -119,6 +205,8 @@ def test_exp_run_lamb_changes_only_the_unpinned_configurations(repo: Path) -> No
     # h100 with lamb 0.005 is exactly the h100_l2 configuration
     assert after["h100"] == after["h100_l2"]
     tagged = _runs(repo)[-3:]
+    names = _run_names(repo, [run_id for _, _, run_id in tagged])
+    assert names == [f"{name} (all-l2)" for name in CONFIGS]
     with sqlite3.connect(repo / "mlflow.db") as db:
         for _, _, run_id in tagged:
             tag = db.execute(
@@ -219,15 +307,40 @@ def test_temp_experiment_logs_to_the_workspace_store(repo: Path) -> None:
             assert (folder / "history" / f"{name}.json").stat().st_size > 0
 
 
-def test_plots_show_renders_every_configuration_on_one_page(repo: Path) -> None:
+def _vega_specs(page: str) -> dict[str, dict]:
+    """The Vega-Lite spec of each chart on a `dvc plots show` page, by plot id."""
+    body = page[page.rindex("<body>") :]  # the inlined scripts hold "<body>" in strings too
+    specs = {}
+    for match in re.finditer(r'<div id = "([^"]+)">\s*<script[^>]*>\s*var spec = ', body):
+        spec, _ = json.JSONDecoder().raw_decode(body, match.end())
+        specs[match.group(1)] = spec
+    return specs
+
+
+def test_plots_show_renders_offline_a_chart_per_metric_with_every_configuration(
+    repo: Path,
+) -> None:
     shown = run([str(BIN / "dvc"), "plots", "show", "-o", "plots-page"], repo, TRACKED)
     # DVC reports a plot it cannot render on stderr ("WARNING: ...", "ERROR: ..."), exit 0.
     for stream in (shown.stdout, shown.stderr):
         assert not re.search(r"failed|error|warning", stream, re.I), stream
     assert shown.stderr.strip() == "", shown.stderr
     page = (repo / "plots-page" / "index.html").read_text()
-    for name in CONFIGS:
-        assert f"reports/history/{name}.json" in page
+    # Offline: no script is fetched, Vega, Vega-Lite and vega-embed are in the page.
+    assert not re.findall(r"<script[^>]*\bsrc=", page)
+    assert "cdn.jsdelivr.net" not in page
+    for script in ("vega5.js", "vega-lite5.js", "vega-embed6.js"):
+        assert f"<script>/* {script} */" in page
+    specs = _vega_specs(page)
+    assert set(specs) == {"loss", "train_acc", "test_acc"}
+    for metric, spec in specs.items():
+        # the loss on a chart of its own, not on the accuracies' 0-100 axis
+        assert spec["encoding"]["y"]["field"] == metric
+        assert {row["field"] for row in spec["data"]["values"]} == {metric}
+        shown = [row["configuration"] for row in spec["data"]["values"]]
+        assert sorted(set(shown)) == sorted(CONFIGS)
+        assert len(shown) == len(CONFIGS) * len(range(0, ITERS + 1, LOG_EVERY))
+        assert spec["encoding"]["color"]["field"] == "configuration"
     assert "curves.png" in page and "features.png" in page
 
 

@@ -1,5 +1,7 @@
-"""Team tracking: the pipeline logs to an `mlflow server` (PostgreSQL or SQLite backend store,
-proxied artifacts), read back through its REST API; and tracking problems fail at once.
+"""Team tracking: the pipeline logs to an `mlflow server` with MLflow's authentication app
+(PostgreSQL or SQLite backend store, proxied artifacts), as the README's team section sets it
+up, read back through its REST API; and tracking problems, wrong credentials among them, fail at
+once.
 
 The PostgreSQL server is a throwaway cluster (initdb + pg_ctl) in a temporary folder, listening
 on 127.0.0.1 only. Without PostgreSQL the test is skipped, except under CI=true where it fails.
@@ -7,8 +9,10 @@ on 127.0.0.1 only. Without PostgreSQL the test is skipped, except under CI=true 
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -25,11 +29,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import mlflow
+import numpy as np
 import pytest
 import yaml
 
+from nnbp.backprop import predict
+from nnbp.data import file_md5, read_model, read_prepared
 from nnbp.tracking import EXPERIMENT
-from tests.conftest import BIN, clean_env, copy_repo, dvc, train_args
+from tests.conftest import BIN, ROOT, clean_env, copy_repo, dvc, train_args
 
 HEALTH_TIMEOUT = 240  # seconds: the first start migrates the store (~30 s on PostgreSQL)
 PG_DEFAULT_BIN = Path("/usr/lib/postgresql/15/bin")  # Debian's postgresql-15
@@ -80,7 +88,7 @@ def _pg(cmd: list[str], as_user: list[str], what: str, timeout: float = 120) -> 
         )
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def postgres_db() -> Iterator[str]:
     """A PostgreSQL cluster with a database `mlflow`; yields its SQLAlchemy URI."""
     pg = _pg_bin()
@@ -176,7 +184,10 @@ def postgres_db() -> Iterator[str]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-# --- the MLflow server -----------------------------------------------------------------------
+# --- the MLflow server, as the README's team section runs it ------------------------------
+
+ADMIN = "admin"  # admin_username in server/basic_auth.ini
+AUTH_CONFIG = ROOT / "server" / "basic_auth.ini"
 
 
 @dataclass
@@ -185,6 +196,7 @@ class Server:
     artifacts: Path  # --artifacts-destination
     backend: str
     startup_seconds: float
+    admin_password: str
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -202,38 +214,37 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def start_server(
-    folder: Path, store: str, port: int | None = None
+    folder: Path, store: str, port: int | None = None, *, auth: bool = False
 ) -> tuple[subprocess.Popen, Server]:
     """`mlflow server` on 127.0.0.1 (a free port unless given), backed by ``store``, serving
-    artifacts from ``folder``/artifacts; returns once it answers /health. Stop it with ``_stop``."""
+    artifacts from ``folder``/artifacts; returns once it answers /health. Stop it with ``_stop``.
+
+    ``auth``: as the README starts the team server, `--app-name basic-auth` with the secrets in
+    the environment only, the auth app's settings from server/basic_auth.ini, and the host check
+    for the one name clients use."""
     backend = store.split(":", 1)[0].split("+", 1)[0]
     artifacts, port = folder / "artifacts", port or _free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [
-        str(BIN / "mlflow"),
-        "server",
-        "--backend-store-uri",
-        store,
-        "--artifacts-destination",
-        str(artifacts),
-        "--serve-artifacts",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
+    admin_password = secrets.token_urlsafe(18) if auth else ""
+    env = clean_env()
+    cmd = [str(BIN / "mlflow"), "server"]
+    if auth:
+        env.update(
+            MLFLOW_AUTH_CONFIG_PATH=str(AUTH_CONFIG),
+            MLFLOW_AUTH_ADMIN_PASSWORD=admin_password,
+            MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(32),
+        )
+        cmd += ["--app-name", "basic-auth", "--allowed-hosts", f"127.0.0.1:{port}"]
+    cmd += [
+        *("--backend-store-uri", store, "--serve-artifacts"),
+        *("--artifacts-destination", str(artifacts)),
+        *("--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
     ]
     log_path = folder / "server.log"
     start = time.monotonic()
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            cmd,
-            cwd=folder,
-            env=clean_env(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+            cmd, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
     try:
         while True:
@@ -255,20 +266,20 @@ def start_server(
     except BaseException:
         _stop(proc)
         raise
-    return proc, Server(url, artifacts, backend, time.monotonic() - start)
+    return proc, Server(url, artifacts, backend, time.monotonic() - start, admin_password)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def mlflow_server(request, tmp_path) -> Iterator[Server]:
-    """`mlflow server` on a free 127.0.0.1 port, serving artifacts from a temporary folder."""
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def mlflow_server(request, tmp_path_factory) -> Iterator[Server]:
+    """The team server of the README (`start_server(..., auth=True)`), SQLite- or
+    PostgreSQL-backed."""
     backend = request.param
-    folder = tmp_path / "server"
-    folder.mkdir()
+    folder = tmp_path_factory.mktemp(f"server-{backend}")
     if backend == "postgresql":
         store = request.getfixturevalue("postgres_db")
     else:
         store = f"sqlite:///{folder / 'mlflow.db'}"
-    proc, server = start_server(folder, store)
+    proc, server = start_server(folder, store, auth=True)
     try:
         yield server
     finally:
@@ -276,10 +287,33 @@ def mlflow_server(request, tmp_path) -> Iterator[Server]:
 
 
 class Api:
-    """The tracking server's REST API (/api/2.0/mlflow/...)."""
+    """The tracking server's REST API (/api/2.0/mlflow/...), as ``user`` with ``password``."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, user: str | None = None, password: str | None = None) -> None:
         self.url = url
+        self.headers = {}
+        if user is not None:
+            pair = base64.b64encode(f"{user}:{password}".encode()).decode()
+            self.headers["Authorization"] = f"Basic {pair}"
+
+    def request(
+        self, endpoint: str, body: dict | None = None, version: str = "2.0", **query: Any
+    ) -> urllib.request.Request:
+        q = urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
+        return urllib.request.Request(
+            f"{self.url}/api/{version}/mlflow/{endpoint}" + (f"?{q}" if q else ""),
+            data=None if body is None else json.dumps(body).encode(),
+            headers={**self.headers, "Content-Type": "application/json"},
+            method="GET" if body is None else "POST",
+        )
+
+    def status(self, request: urllib.request.Request) -> int:
+        """The HTTP status the server answers ``request`` with."""
+        try:
+            with _http.open(request, timeout=60) as response:
+                return response.status
+        except urllib.error.HTTPError as e:
+            return e.code
 
     def _call(self, request: urllib.request.Request) -> Any:
         try:
@@ -290,18 +324,10 @@ class Api:
         return json.loads(body) if body else {}
 
     def get(self, endpoint: str, **query: Any) -> Any:
-        q = urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
-        return self._call(urllib.request.Request(f"{self.url}/api/2.0/mlflow/{endpoint}?{q}"))
+        return self._call(self.request(endpoint, **query))
 
-    def post(self, endpoint: str, body: dict) -> Any:
-        return self._call(
-            urllib.request.Request(
-                f"{self.url}/api/2.0/mlflow/{endpoint}",
-                data=json.dumps(body).encode(),
-                headers={"Content-Type": "application/json"},
-                method="POST",
-            )
-        )
+    def post(self, endpoint: str, body: dict, version: str = "2.0") -> Any:
+        return self._call(self.request(endpoint, body, version))
 
     def artifacts(self, run_id: str, path: str | None = None) -> dict[str, dict]:
         files = self.get("artifacts/list", run_id=run_id, path=path).get("files", [])
@@ -311,39 +337,89 @@ class Api:
         """An artifact's bytes, through the proxied artifact service (mlflow-artifacts:/...)."""
         where = artifact_uri.removeprefix("mlflow-artifacts:/").strip("/")
         request = urllib.request.Request(
-            f"{self.url}/api/2.0/mlflow-artifacts/artifacts/{where}/{path}"
+            f"{self.url}/api/2.0/mlflow-artifacts/artifacts/{where}/{path}", headers=self.headers
         )
         with _http.open(request, timeout=60) as response:
             return response.read()
 
 
+def _member(server: Server, user: str) -> tuple[str, str]:
+    """A team member's account, created by the admin as the README shows (users/create)."""
+    password = secrets.token_urlsafe(15)
+    admin = Api(server.url, ADMIN, server.admin_password)
+    admin.post("users/create", {"username": user, "password": password})
+    return user, password
+
+
+def _all_runs(api: Api) -> list[str]:
+    experiments = api.get("experiments/search", max_results=1000).get("experiments", [])
+    ids = [e["experiment_id"] for e in experiments]
+    found = api.post("runs/search", {"experiment_ids": ids, "max_results": 1000})
+    return sorted(r["info"]["run_id"] for r in found.get("runs", []))
+
+
+def _credentials(user: str, password: str, url: str) -> dict[str, str]:
+    """A member's environment for the pipeline (the README's client setup)."""
+    return clean_env(
+        MLFLOW_TRACKING_URI=url,
+        MLFLOW_TRACKING_USERNAME=user,
+        MLFLOW_TRACKING_PASSWORD=password,
+        NNBP_TRACKING="on",
+    )
+
+
 @pytest.mark.slow
-def test_pipeline_logs_every_configuration_to_the_team_server(mlflow_server, tmp_path):
+def test_server_refuses_requests_without_valid_credentials_or_from_other_hosts(mlflow_server):
+    server = mlflow_server
+    search = {"max_results": 10}
+    anonymous = Api(server.url)
+    assert anonymous.status(anonymous.request("experiments/search", **search)) == 401
+    wrong = Api(server.url, ADMIN, server.admin_password + "x")
+    assert wrong.status(wrong.request("experiments/search", **search)) == 401
+    admin = Api(server.url, ADMIN, server.admin_password)
+    assert admin.status(admin.request("experiments/search", **search)) == 200
+    # --allowed-hosts: a page on another site that resolves its name to this server (DNS
+    # rebinding) sends its own Host header, and is refused
+    rebound = admin.request("experiments/search", **search)
+    rebound.add_header("Host", "attacker.invalid")
+    assert admin.status(rebound) == 403
+    # artifacts too: the proxied artifact service asks for credentials
+    listing = urllib.request.Request(f"{server.url}/api/2.0/mlflow-artifacts/artifacts")
+    assert anonymous.status(listing) == 401
+
+
+@pytest.mark.slow
+def test_pipeline_logs_every_configuration_to_the_team_server(mlflow_server, tmp_path, monkeypatch):
     server = mlflow_server
     repo = copy_repo(tmp_path / "repo", iters=ITERS, log_every=LOG_EVERY)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     configs = params["configs"]
+    user, password = _member(server, "alice")
 
     started = time.monotonic()
-    dvc(repo, "repro", env=clean_env(MLFLOW_TRACKING_URI=server.url, NNBP_TRACKING="on"))
+    dvc(repo, "repro", env=_credentials(user, password, server.url))
     pipeline_seconds = time.monotonic() - started
     assert not (repo / "mlflow.db").exists(), "runs went to the local store, not the server"
 
     started = time.monotonic()
-    api = Api(server.url)
+    api = Api(server.url, user, password)
     experiment = api.get("experiments/get-by-name", experiment_name=EXPERIMENT)["experiment"]
     found = api.post(
         "runs/search", {"experiment_ids": [experiment["experiment_id"]], "max_results": 1000}
     ).get("runs", [])
-    names = sorted(run["info"]["run_name"] for run in found)
-    assert names == sorted(configs), "expected exactly one run per configuration"
+
+    def config_of(run: dict) -> str:
+        return {p["key"]: p["value"] for p in run["data"].get("params", [])}["config"]
+
+    assert sorted(map(config_of, found)) == sorted(configs), "expected one run per configuration"
     commit = subprocess.run(
         ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True
     ).stdout.strip()
 
     for run in found:
         info, data = run["info"], run["data"]
-        name, run_id = info["run_name"], info["run_id"]
+        name, run_id = config_of(run), info["run_id"]
+        assert info["run_name"] == f"{name} (repro {commit[:7]})"
         config = {**params, **configs[name]}
         assert info["status"] == "FINISHED", name
 
@@ -363,6 +439,16 @@ def test_pipeline_logs_every_configuration_to_the_team_server(mlflow_server, tmp
         assert {k: logged.get(k) for k in expected} == expected, name
         tags = {t["key"]: t["value"] for t in data.get("tags", [])}
         assert tags.get("git_commit") == commit
+        assert tags.get("mlflow.user") == user
+        inputs = {
+            i["dataset"]["name"]: (i["dataset"]["digest"], i["tags"])
+            for i in run["inputs"]["dataset_inputs"]
+        }
+        digest = file_md5(repo / "data" / "digits.npz")
+        assert inputs == {
+            "digits.npz:training": (digest, [{"key": "mlflow.data.context", "value": "training"}]),
+            "digits.npz:test": (digest, [{"key": "mlflow.data.context", "value": "test"}]),
+        }
 
         # Step metrics: every log point, the same values as the stage's history file.
         history = json.loads((repo / "reports" / "history" / f"{name}.json").read_text())
@@ -375,10 +461,9 @@ def test_pipeline_logs_every_configuration_to_the_team_server(mlflow_server, tmp
             assert [m["value"] for m in points] == pytest.approx([row[key] for row in history])
 
         # Artifacts: listed by the server, stored under --artifacts-destination, downloadable.
-        assert {"figures", "model", "history"} <= set(api.artifacts(run_id))
+        assert set(api.artifacts(run_id)) == {"figures", "history"}
         for folder, files in {
             "figures": ["figures/features.png", "figures/curves.png"],
-            "model": [f"model/{name}.npz"],
             "history": [f"history/{name}.json"],
         }.items():
             listed = api.artifacts(run_id, folder)
@@ -387,8 +472,13 @@ def test_pipeline_logs_every_configuration_to_the_team_server(mlflow_server, tmp
                 assert int(listed[path]["file_size"]) > 0
         artifact_uri = info["artifact_uri"]
         assert artifact_uri.startswith("mlflow-artifacts:/"), artifact_uri
-        stored = server.artifacts / artifact_uri.removeprefix("mlflow-artifacts:/").strip("/")
-        assert (stored / "model" / f"{name}.npz").read_bytes() == (
+        # The model: a LoggedModel of the run, its weights the file DVC tracks.
+        (output,) = run["outputs"]["model_outputs"]
+        model = api.get(f"logged-models/{output['model_id']}")["model"]
+        assert model["info"]["source_run_id"] == run_id
+        location = model["info"]["artifact_uri"].removeprefix("mlflow-artifacts:/")
+        stored = server.artifacts / location.strip("/")
+        assert (stored / "artifacts" / f"{name}.npz").read_bytes() == (
             repo / "models" / f"{name}.npz"
         ).read_bytes()
         assert (
@@ -396,10 +486,68 @@ def test_pipeline_logs_every_configuration_to_the_team_server(mlflow_server, tmp
             == (repo / "reports" / "history" / f"{name}.json").read_bytes()
         )
 
+        # ... and it loads from the server, with the member's credentials, as MLflow's client
+        # reads them from the environment; it predicts what nnbp predicts.
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user)
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+        previous = mlflow.get_tracking_uri()
+        mlflow.set_tracking_uri(server.url)
+        try:
+            loaded = mlflow.pyfunc.load_model(f"models:/{output['model_id']}")
+        finally:
+            mlflow.set_tracking_uri(previous)
+        weights, _ = read_model(repo / "models" / f"{name}.npz")
+        _, test = read_prepared(repo / "data" / "prepared")
+        digits = (predict(weights, test["X"]) + 1) % 10
+        np.testing.assert_array_equal(loaded.predict(test["X"].T), digits)
+
     print(
         f"\n[{server.backend}] server ready in {server.startup_seconds:.1f} s, "
         f"dvc repro {pipeline_seconds:.1f} s, REST read-back {time.monotonic() - started:.1f} s"
     )
+
+    # Another member may read the experiment (default_permission READ), not log to it, until
+    # the admin grants EDIT as the README shows.
+    experiment_id = experiment["experiment_id"]
+    bob = Api(server.url, *_member(server, "bob"))
+    create = {"experiment_id": experiment_id, "run_name": "bob's"}
+    assert bob.status(bob.request("experiments/get", experiment_id=experiment_id)) == 200
+    assert bob.status(bob.request("runs/create", create)) == 403
+    grant = {
+        "username": "bob",
+        "resource_type": "experiment",
+        "resource_id": experiment_id,
+        "permission": "EDIT",
+    }
+    Api(server.url, ADMIN, server.admin_password).post("users/permissions/grant", grant, "3.0")
+    assert bob.status(bob.request("runs/create", create)) == 200
+
+
+@pytest.mark.slow
+def test_wrong_password_fails_before_training_in_one_line_leaving_the_outputs(
+    mlflow_server, prepared_repo
+):
+    server = mlflow_server
+    user, password = _member(server, "carol")
+    out = f"out-wrong-password-{server.backend}"
+    result, _ = _train(prepared_repo, out, ITERS, NNBP_TRACKING="off")  # previous outputs
+    assert result.returncode == 0, result.stderr
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (prepared_repo / out).iterdir()}
+    admin = Api(server.url, ADMIN, server.admin_password)
+    runs_before = _all_runs(admin)
+
+    env = _credentials(user, password + "-wrong", server.url)
+    result, seconds = _train(prepared_repo, out, LONG, **{k: env[k] for k in WITH_CREDENTIALS})
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"Error: MLflow tracking server {server.url} ")
+    assert "MLFLOW_TRACKING_USERNAME" in lines[0] and "MLFLOW_TRACKING_PASSWORD" in lines[0]
+    assert seconds < FAST, f"took {seconds:.1f} s"  # LONG iterations: it did not train
+    after = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (prepared_repo / out).iterdir()}
+    assert after == before
+    assert _all_runs(admin) == runs_before  # no run was opened
 
 
 # --- tracking problems fail at once --------------------------------------------------------
@@ -431,6 +579,12 @@ def _train(
     return result, time.monotonic() - started
 
 
+WITH_CREDENTIALS = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "NNBP_TRACKING",
+)
 # Far more iterations than a few seconds allow: a late failure would show as a timeout.
 LONG = 500_000
 FAST = 15  # seconds: Python and NumPy start-up on a loaded machine, then the failed check

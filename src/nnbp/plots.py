@@ -1,4 +1,5 @@
-"""The plotting module: image grids (the lab's ``display_data``), feature grids and curves.
+"""The plotting module: image grids (the lab's ``display_data``), feature grids and curves;
+and for ``dvc plots``, the curves' data and a page that renders them offline.
 
 Figures are drawn with matplotlib's Agg backend and saved atomically; PNGs carry no timestamp,
 so the same inputs give the same bytes.
@@ -19,6 +20,7 @@ from matplotlib.figure import Figure
 from nnbp.io import atomic_path
 
 History = Mapping[str, Sequence[float]]  # columns: step, loss, train_acc, test_acc
+METRICS = ("loss", "train_acc", "test_acc")
 
 
 def tile(
@@ -90,3 +92,58 @@ def save(fig: Figure, path: str | Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
     plt.close(fig)
+
+
+def curve_rows(histories: Mapping[str, History]) -> list[dict[str, float | str | None]]:
+    """Every configuration's history in one table, a row per configuration and log point, for
+    ``dvc plots``: one chart per metric with a line per configuration (a directory of history
+    files gives a chart per file instead, with the loss on the accuracies' 0-100 axis)."""
+    rows = []
+    for name, h in histories.items():
+        for i, step in enumerate(h["step"]):
+            rows.append({"configuration": name, "step": step, **{k: h[k][i] for k in METRICS}})
+    return rows
+
+
+# Vega, Vega-Lite and vega-embed as a PyPI package ships them (django-js-lib-vega-embed: the
+# upstream builds, no Django needed to read them); DVC's own page fetches them from a CDN.
+VEGA_PACKAGE = "js_lib_vega_embed"
+VEGA_SCRIPTS = ("vega5.js", "vega-lite5.js", "vega-embed6.js")
+_PAGE = """<!DOCTYPE html>
+<html>
+<head>
+    {refresh_tag}
+    <meta charset="utf-8">
+    <title>DVC Plot</title>
+    <!-- Vega, Vega-Lite and vega-embed, inlined (nnbp.plots.offline_page): no network -->
+{inlined}
+    <style>
+        table {
+            border-spacing: 15px;
+        }
+    </style>
+</head>
+<body>
+    {plot_divs}
+</body>
+</html>
+"""
+
+
+def offline_page() -> str:
+    """DVC's HTML page (``dvc plots show --html-template``) with the Vega scripts inlined from the
+    installed package instead of DVC's CDN links, so the charts render without internet.
+
+    DVC fills ``{plot_divs}`` and ``{refresh_tag}``; the page leaves out ``{scripts}``, where
+    DVC would put its CDN ``<script>`` tags. The same package version gives the same bytes.
+    """
+    from importlib.resources import files
+
+    folder = files(VEGA_PACKAGE) / "static" / VEGA_PACKAGE
+    scripts = []
+    for name in VEGA_SCRIPTS:
+        code = (folder / name).read_text(encoding="utf-8")
+        if "</script" in code.lower():  # would end the inline element early
+            raise ValueError(f"{name} cannot be inlined: it contains '</script'")
+        scripts.append(f"    <script>/* {name} */\n{code}\n    </script>")
+    return _PAGE.replace("{inlined}", "\n".join(scripts))

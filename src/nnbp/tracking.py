@@ -1,4 +1,4 @@
-"""The one place that talks to MLflow.
+"""The one place that talks to MLflow (with ``nnbp.orphans`` and ``nnbp.registry``).
 
 Where runs go: ``MLFLOW_TRACKING_URI`` when set (a shared server, say), otherwise the SQLite
 store ``mlflow.db`` at the project root, with artifacts in ``mlartifacts/`` beside it. The root
@@ -7,36 +7,60 @@ is DVC's ``DVC_ROOT``, which DVC points at the workspace even when ``dvc exp run
 ``NNBP_TRACKING=off`` trains without tracking.
 
 Tracking never costs a training result: the store is checked before training starts (one clear
-line if it cannot be used), and a failure later is reported once, after which the run goes on
-untracked; MLflow's own log records are one line each, and an exception it logs is left to us to
-report. A run is never left RUNNING for good: the run records its host and process (tags
-``nnbp.host``, ``nnbp.pid``, ``nnbp.process``), and the start of every run, or
-``stages/close_orphan_runs.py``, closes as FAILED the RUNNING runs of this host whose process is
-gone (``kill -9``, a store that was down when the run ended).
+line if it cannot be used, a server's refused credentials included). A transient store error (a
+locked SQLite file, a server restarting) is retried; if live logging still fails, training goes
+on, the run keeps its whole history and sends it again when it ends, and whatever still cannot
+be sent is named in one line. MLflow's own log records are one line each. A run is never left
+RUNNING for good: each records its process (``nnbp.orphans``), and the start of every run, or
+``stages/close_orphan_runs.py``, closes as FAILED the RUNNING runs whose process is gone.
+
+What a run holds: the hyperparameters, the training and test sets as dataset inputs, the loss and
+accuracies at every log point, figures and history as artifacts, and the trained network as an
+MLflow Model (a LoggedModel, pyfunc "models from code": ``nnbp/mlflow_model.py`` with the weights
+file that DVC tracks as its artifact). ``nnbp.registry`` makes the best one
+``models:/NAME@champion``.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
+import getpass
 import http.client
 import logging
 import os
-import socket
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+import warnings
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nnbp.data import first_line
+import numpy as np
+
+from nnbp.data import file_md5, first_line
+from nnbp.orphans import Orphan, close_orphans, orphan_note, process_tags
 
 EXPERIMENT = "tp5-neural-networks"
 OPT_OUT = "NNBP_TRACKING"
+CREDENTIALS = "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+# MLflow 3 guesses an experiment's kind and opens a GenAI "Traces" page for a new one; these
+# tags say that it trains models and which metric ranks its runs, so the UI opens on the runs.
+EXPERIMENT_TAGS = {
+    "mlflow.experimentKind": "custom_model_development",
+    "mlflow.experiment.primaryMetric.name": "test_acc",
+    "mlflow.experiment.primaryMetric.greaterIsBetter": "true",
+}
+WEIGHTS_MD5_TAG = "nnbp.weights_md5"  # on each LoggedModel: the MD5 of the file DVC tracks
+MODEL_FILE = Path(__file__).with_name("mlflow_model.py")  # the pyfunc model, as code
+NETWORK_MODULE = "nnbp_backprop"  # nnbp/backprop.py in the model, as MODEL_FILE imports it
 
 # Set before MLflow is imported (a user's own setting wins). MLflow logs at INFO by default
 # ("Creating initial MLflow database tables..."), which would wrap a one-line error; and its HTTP
@@ -45,6 +69,7 @@ MLFLOW_DEFAULTS = {
     "MLFLOW_LOGGING_LEVEL": "WARNING",
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # model logging would print bars
 }
 
 
@@ -72,6 +97,21 @@ TRANSIENT = (
 )
 RETRY_DELAYS = (1.0, 2.0, 4.0)
 BATCH = 1000  # MLflow's limit of metrics per log_batch
+
+
+@contextlib.contextmanager
+def _env(**values: str) -> Iterator[None]:
+    """Environment variables set for the block, restored after it."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class TrackingError(RuntimeError):
@@ -109,6 +149,13 @@ def _git_commit() -> str | None:
         return None
 
 
+def _login() -> str:
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no user name in the environment or the password database
+        return "unknown"
+
+
 def _check_reachable(uri: str) -> None:
     if uri.startswith(("http://", "https://")):
         try:
@@ -120,6 +167,7 @@ def _check_reachable(uri: str) -> None:
                 f"MLflow tracking server {uri} cannot be reached ({reason}); start it, fix "
                 f"MLFLOW_TRACKING_URI, or set {OPT_OUT}=off to train without tracking"
             ) from None
+        _check_credentials(uri)
     elif uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
         folder = db.parent
@@ -132,6 +180,49 @@ def _check_reachable(uri: str) -> None:
                 f"MLflow store {db} is not writable; fix its permissions, set "
                 f"MLFLOW_TRACKING_URI, or set {OPT_OUT}=off to train without tracking"
             )
+
+
+def _check_credentials(uri: str) -> None:
+    """One authenticated request, as MLflow's client makes them: a server with authentication
+    (``mlflow server --app-name basic-auth``) answers 401 to missing or wrong credentials."""
+    query = urllib.parse.urlencode({"experiment_name": EXPERIMENT})
+    request = urllib.request.Request(
+        f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/get-by-name?{query}"
+    )
+    user, password = (os.environ.get(f"MLFLOW_TRACKING_{k}") for k in ("USERNAME", "PASSWORD"))
+    if os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        request.add_header("Authorization", f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}")
+    elif user is not None and password is not None:
+        pair = base64.b64encode(f"{user}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {pair}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            response.read()
+    except urllib.error.HTTPError as e:
+        if e.code == 401:
+            given = "were refused" if user is not None else "are not set"
+            raise TrackingError(
+                f"MLflow tracking server {uri} asks for a user name and password (401): "
+                f"the credentials in {CREDENTIALS} {given}; set them, or set {OPT_OUT}=off "
+                "to train without tracking"
+            ) from None
+        if e.code == 403:
+            raise TrackingError(
+                f"MLflow tracking server {uri}: user {user!r} ({CREDENTIALS}) may not use "
+                f"experiment {EXPERIMENT} (403); ask the server's admin for access"
+            ) from None
+        # 404 is a new experiment; any other answer is left to MLflow's client to report.
+    except (urllib.error.URLError, OSError, http.client.HTTPException):
+        pass  # reachable a moment ago (/health): MLflow's client reports what follows
+
+
+def run_name(config: str) -> str:
+    """A run name that tells experiments apart: the configuration, then the DVC experiment
+    (``dvc exp run``) or, for ``dvc repro``, the commit trained from."""
+    if os.environ.get("DVC_EXP_NAME"):
+        return f"{config} ({os.environ['DVC_EXP_NAME']})"
+    commit = _git_commit()
+    return f"{config} (repro {commit[:7]})" if commit else config
 
 
 class _OneLine(logging.Filter):
@@ -154,109 +245,6 @@ def _quiet_mlflow_logging() -> None:
     for handler in logging.getLogger("mlflow").handlers:  # MLflow's own, set up on import
         if not any(isinstance(f, _OneLine) for f in handler.filters):
             handler.addFilter(_OneLine())
-
-
-# --- the process behind a run, to tell an orphan from a run still training -----------------
-
-PROCESS_TAGS = ("nnbp.host", "nnbp.pid", "nnbp.process")
-
-
-def _read(path: str) -> str | None:
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return None
-
-
-def _started(pid: int) -> str | None:
-    """When process ``pid`` started (clock ticks since boot), None if there is no such process."""
-    stat = _read(f"/proc/{pid}/stat")
-    if stat is None:
-        return None
-    return stat[stat.rindex(")") + 2 :].split()[19]  # field 22, starttime
-
-
-def _pid_namespace() -> str | None:
-    try:
-        return os.readlink("/proc/self/ns/pid")
-    except OSError:
-        return None
-
-
-def process_tags() -> dict[str, str]:
-    """Tags naming this process so that another one can later tell whether it still runs: its
-    host and pid, and (on Linux) its boot, pid namespace and start time, which tell a pid
-    reused after a reboot or by another container apart."""
-    pid = os.getpid()
-    token = {"boot": _read("/proc/sys/kernel/random/boot_id"), "pidns": _pid_namespace()}
-    token["start"] = _started(pid)
-    process = " ".join(f"{k}={v}" for k, v in token.items() if v)
-    return {"nnbp.host": socket.gethostname(), "nnbp.pid": str(pid), "nnbp.process": process}
-
-
-def process_alive(tags: Mapping[str, str]) -> bool | None:
-    """Whether the process that ``tags`` (``process_tags``) name still runs; None when this
-    process cannot tell (another host or container, or no such tags)."""
-    host, pid = tags.get("nnbp.host"), tags.get("nnbp.pid", "")
-    if host != socket.gethostname() or not pid.isdigit():
-        return None
-    then = dict(kv.split("=", 1) for kv in tags.get("nnbp.process", "").split() if "=" in kv)
-    if then.get("pidns") != _pid_namespace():
-        return None  # the same host name, another pid namespace: its pids mean nothing here
-    if "boot" in then and then["boot"] != _read("/proc/sys/kernel/random/boot_id"):
-        return False  # the machine rebooted since
-    if "start" in then:
-        return _started(int(pid)) == then["start"]  # None (gone) or another process
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-@dataclass(frozen=True)
-class Orphan:
-    run_id: str
-    name: str
-    host: str
-    pid: str
-
-
-def close_orphans(client: Any, experiment_id: str, by: str) -> list[Orphan]:
-    """Close as FAILED every RUNNING run of ``experiment_id`` whose process is gone (this host
-    only); its end time is its last logged metric, a tag says what happened."""
-    closed, token = [], None
-    while True:
-        page = client.search_runs(
-            [experiment_id], "attributes.status = 'RUNNING'", max_results=1000, page_token=token
-        )
-        for run in page:
-            tags = run.data.tags
-            if process_alive(tags) is not False:
-                continue
-            orphan = Orphan(run.info.run_id, run.info.run_name, tags["nnbp.host"], tags["nnbp.pid"])
-            stamps = [m.timestamp for m in client.get_metric_history(orphan.run_id, "loss")]
-            end = max([run.info.start_time or 0, *stamps]) or None
-            why = (
-                f"process {orphan.pid} on {orphan.host} ended without closing this run "
-                f"(killed, or the store was unreachable); closed as FAILED by {by}"
-            )
-            client.set_tag(orphan.run_id, "nnbp.orphaned", why)
-            client.set_terminated(orphan.run_id, "FAILED", end_time=end)
-            closed.append(orphan)
-        token = page.token
-        if not token:
-            return closed
-
-
-def orphan_note(orphan: Orphan) -> str:
-    return (
-        f"note: closed MLflow run {orphan.name} ({orphan.run_id[:8]}) as FAILED: its process "
-        f"{orphan.pid} on {orphan.host} is gone"
-    )
 
 
 def _client(uri: str) -> Any:
@@ -298,10 +286,11 @@ def _close_orphans_before(client: Any, experiment_id: str, name: str) -> None:
 class Run:
     """One MLflow run, named after a configuration. Use ``Run.start`` to open it."""
 
-    def __init__(self, client: Any, run_id: str, name: str = "") -> None:
+    def __init__(self, client: Any, run_id: str, name: str = "", uri: str = "") -> None:
         self._client = client
         self.run_id = run_id
         self.name = name
+        self._uri = uri
         self._history: list[Any] = []  # every metric logged, with its timestamp, in order
         self._live = True  # False once live logging gave up: the rest waits for end()
         self._unsent: list[str] = []  # what end() could not deliver either
@@ -310,7 +299,8 @@ class Run:
     def start(
         cls, name: str, params: Mapping[str, Any], tags: Mapping[str, str] | None = None
     ) -> Run | None:
-        """Open a run with ``params`` and tags; None when tracking is off.
+        """Open a run of configuration ``name`` with ``params`` and tags; None when tracking is
+        off. The run's name adds the DVC experiment (``run_name``); ``params`` keep ``config``.
 
         Raises ``TrackingError`` (one line) when the store cannot be used, before any training.
         """
@@ -326,13 +316,15 @@ class Run:
             all_tags = {
                 "git_commit": _git_commit() or "unknown",
                 "mlflow.source.name": "dvc.yaml",
+                # who ran it: the server account, else the login (MLflow's own fluent default)
+                "mlflow.user": os.environ.get("MLFLOW_TRACKING_USERNAME") or _login(),
                 **process_tags(),
             }
             for var, tag in DVC_TAGS.items():
                 if os.environ.get(var):
                     all_tags[tag] = os.environ[var]
             all_tags.update(tags or {})
-            run = retrying(client.create_run, experiment_id, run_name=name, tags=all_tags)
+            run = retrying(client.create_run, experiment_id, run_name=run_name(name), tags=all_tags)
             from mlflow.entities import Param
 
             try:
@@ -345,7 +337,7 @@ class Run:
                 raise
         except Exception as e:
             raise TrackingError(f"MLflow store {uri} cannot be used: {first_line(e)}") from None
-        return cls(client, run.info.run_id, name)
+        return cls(client, run.info.run_id, name, uri)
 
     def _send(self, fn: Any, *args: Any) -> str | None:
         """``fn(*args)`` with retries of transient errors; the error's first line if it fails."""
@@ -373,6 +365,99 @@ class Run:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if error := self._send(self._client.log_artifact, self.run_id, str(path), artifact_path):
             self._unsent.append(f"artifact {Path(path).name} ({error})")
+
+    def log_datasets(
+        self, data_path: str, splits: Mapping[str, tuple[np.ndarray, np.ndarray]]
+    ) -> None:
+        """Log each split (context: ``"training"``, ``"test"``) as a dataset input named after
+        the data file, its digest the file's MD5 (what DVC records), its source the file.
+
+        ``splits`` maps a context to ``(X, y)``, X (n, d) as trained on and y (n,) the labels.
+        """
+        if error := self._send(self._log_datasets, data_path, splits):
+            self._unsent.append(f"the datasets ({error})")
+
+    def _log_datasets(
+        self, data_path: str, splits: Mapping[str, tuple[np.ndarray, np.ndarray]]
+    ) -> None:
+        import mlflow.data
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        digest, file = file_md5(data_path), Path(data_path).name
+        inputs = []
+        for context, (X, y) in splits.items():
+            with warnings.catch_warnings():  # a local path is 'local' under two schemes
+                warnings.simplefilter("ignore", UserWarning)
+                dataset = mlflow.data.from_numpy(
+                    X,
+                    targets=y,
+                    source=data_path,
+                    # MLflow keeps one input per name and digest: the split tells them apart.
+                    name=f"{file}:{context}",
+                    digest=digest,
+                )
+            entity = Dataset(**dataset.to_dict())
+            inputs.append(DatasetInput(entity, [InputTag(MLFLOW_DATASET_CONTEXT, context)]))
+        self._client.log_inputs(self.run_id, datasets=inputs)
+
+    def log_model(
+        self, name: str, weights_path: str | Path, input_example: np.ndarray, step: int
+    ) -> str | None:
+        """Log the network of ``weights_path`` as an MLflow Model named ``name``, linked to this
+        run with the metrics of ``step``; returns its ``models:/`` URI (None if it failed).
+
+        Models from code: MLflow stores ``mlflow_model.py`` and runs it on load, with the
+        weights file as an artifact and ``nnbp.backprop`` as its code; nothing is pickled.
+        ``input_example`` is a few images as rows (n, d); the signature is (n, d) float64
+        images in, (n,) int64 digits out.
+        """
+        uri: list[str] = []
+        args = (name, Path(weights_path), input_example, step)
+        if error := self._send(lambda: uri.append(self._log_model(*args))):
+            self._unsent.append(f"the MLflow Model ({error})")
+        return uri[0] if uri else None
+
+    def _log_model(
+        self, name: str, weights_path: Path, input_example: np.ndarray, step: int
+    ) -> str:
+        import mlflow
+        import mlflow.pyfunc
+        from mlflow.models import ModelSignature
+        from mlflow.types import Schema, TensorSpec
+
+        import nnbp.backprop
+
+        d = input_example.shape[1]
+        signature = ModelSignature(
+            inputs=Schema([TensorSpec(np.dtype(np.float64), (-1, d))]),  # unnamed: an array,
+            outputs=Schema([TensorSpec(np.dtype(np.int64), (-1,))]),  # not a dict of them
+        )
+        # Given, the requirements are not inferred (which loads the model in a subprocess).
+        requirements = [f"mlflow=={mlflow.__version__}", f"numpy=={np.__version__}"]
+        with tempfile.TemporaryDirectory() as tmp:
+            code = Path(tmp) / f"{NETWORK_MODULE}.py"  # the network, as the model file imports it
+            shutil.copy(nnbp.backprop.__file__, code)
+            mlflow.set_tracking_uri(self._uri)
+            # log_model logs to the active run: resume ours, and hand it back to ``end``.
+            mlflow.start_run(run_id=self.run_id)
+            try:
+                info = mlflow.pyfunc.log_model(
+                    name=name,
+                    python_model=str(MODEL_FILE),
+                    artifacts={"weights": str(weights_path)},
+                    code_paths=[str(code)],
+                    signature=signature,
+                    input_example=input_example,
+                    pip_requirements=requirements,
+                    tags={WEIGHTS_MD5_TAG: file_md5(weights_path)},
+                    step=step,
+                )
+            finally:
+                # Leave the fluent state; ``end`` sets the real status and prints the run's link.
+                with _env(MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT="true"):
+                    mlflow.end_run()
+        return info.model_uri
 
     def end(self, status: str = "FINISHED") -> None:
         """Close the run as FINISHED, FAILED or KILLED, after resending the whole metric history
@@ -416,15 +501,21 @@ def _initialising(uri: str) -> Iterator[None]:
 
 
 def _experiment_id(client: Any, uri: str) -> str:
-    """The project's experiment, created on first use; a parallel creator may win the race."""
+    """The project's experiment, created (and tagged) on first use; a parallel creator may win
+    the race."""
     experiment = client.get_experiment_by_name(EXPERIMENT)
     if experiment is not None:
+        for key, value in EXPERIMENT_TAGS.items():  # stores made before the tags existed
+            if experiment.tags.get(key) != value:
+                client.set_experiment_tag(experiment.experiment_id, key, value)
         return experiment.experiment_id
     location = None
     if uri.startswith("sqlite:///") and "MLFLOW_TRACKING_URI" not in os.environ:
         location = (project_root() / "mlartifacts").as_uri()
     try:
-        return client.create_experiment(EXPERIMENT, artifact_location=location)
+        return client.create_experiment(
+            EXPERIMENT, artifact_location=location, tags=EXPERIMENT_TAGS
+        )
     except Exception:
         experiment = client.get_experiment_by_name(EXPERIMENT)  # created by a sibling meanwhile
         if experiment is None:
