@@ -158,6 +158,7 @@ def main(
                 tau=np.float64(tau),
                 iters=np.int64(iters),
                 gradient=np.str_(gradient),
+                threads=np.int64(threads),  # the weights' last bits depend on it
             )
             write_json(history_tmp, history)
         status = "FINISHED"

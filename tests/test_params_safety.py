@@ -191,6 +191,7 @@ PIN_VALUES = {
     "gradient": [next(r for r in GRADIENT_RULES if r != PARAMS["gradient"])],
     "dtype": [next(d for d in DTYPES if d != PARAMS["dtype"])],
     "log_every": ["4"],
+    "threads": ["2"],
 }
 
 
@@ -222,6 +223,7 @@ def test_train_takes_each_params_key_spelt_as_in_params_yaml(
         "gradient": [str(recorded["gradient"])],
         "dtype": [recorded["W1"].dtype.name],
         "log_every": [str(history[1]["step"])],
+        "threads": [str(int(recorded["threads"]))],
     }
     if key == "seed":
         args0 = with_option(args[:-2], "--model", str(tmp_path / "m0.npz"))

@@ -4,7 +4,7 @@ Two DVC commands in one workspace can leave a dvc.lock whose params are not thos
 were made with: `dvc exp run -S iters=10` started while `dvc repro` trains is refused by DVC's
 lock, but only after it has written ``iters: 10`` into params.yaml, and the running repro then
 records that beside models trained with 5,000. Every model records its own hyperparameters
-(``models/NAME.npz``: sizes, lamb, tau, iters, gradient, and its weights' dtype), so each
+(``models/NAME.npz``: sizes, lamb, tau, iters, gradient, threads, and its weights' dtype), so each
 ``train@NAME`` entry of dvc.lock can be compared with them, for the cost of reading the models.
 """
 
@@ -25,7 +25,14 @@ def _recorded(path: Path) -> dict[str, Any]:
     weights, meta = read_model(path)
     sizes = [int(s) for s in np.ravel(meta["sizes"])]
     found: dict[str, Any] = {"hidden": sizes[1:-1], "dtype": weights[0].dtype.name}
-    for key, kind in (("lamb", float), ("tau", float), ("iters", int), ("gradient", str)):
+    recorded = (
+        ("lamb", float),
+        ("tau", float),
+        ("iters", int),
+        ("gradient", str),
+        ("threads", int),
+    )
+    for key, kind in recorded:
         if key in meta:  # models written before a key was recorded lack it
             found[key] = kind(meta[key])
     return found
