@@ -46,7 +46,8 @@ def _runs(db: Path) -> dict[str, tuple[str, dict[str, list[int]]]]:
             steps: dict[str, list[int]] = {}
             for key, step in rows:
                 steps.setdefault(key, []).append(step)
-            out[name] = (status, {k: sorted(v) for k, v in steps.items()})
+            # run_name() adds how the run was made ("w0 (repro abc1234)" in a git checkout)
+            out[name.split(" (")[0]] = (status, {k: sorted(v) for k, v in steps.items()})
     return out
 
 

