@@ -38,6 +38,9 @@ class Terminated(KeyboardInterrupt):
 
 
 def _sigterm(signum: int, frame: Any) -> None:
+    # One SIGTERM is enough: a second (DVC's own and the parent-death signal can both arrive)
+    # must not cut short the cleanup the first one started, such as closing the run as KILLED.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise Terminated
 
 
