@@ -8,12 +8,14 @@ from the copies that the pip package django-js-lib-vega-embed installs (``nnbp.p
 import click
 
 from nnbp.cli import Stage, user_errors
-from nnbp.io import write_text
+from nnbp.files import write_text
 from nnbp.plots import VEGA_PACKAGE, offline_page
 
 
 @click.command(cls=Stage)
-@click.option("--out", type=click.Path(dir_okay=False), required=True, help="The page to write.")
+@click.option(
+    "--out", type=click.Path(dir_okay=False), default="reports/plots_page.html", show_default=True
+)
 @user_errors
 def main(out: str) -> None:
     try:

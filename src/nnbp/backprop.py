@@ -165,37 +165,54 @@ def loss(weights: Weights, X: np.ndarray, Y: np.ndarray, lamb: float = 0.0) -> f
     return _cost(forward(weights, X)[-1], Y, weights, lamb)
 
 
-def _backprop(
+def _layer_gradient(
+    grad: np.ndarray, delta: np.ndarray, a: np.ndarray, W: np.ndarray, lamb: float
+) -> None:
+    """nabla_{W^l} = delta^{l+1} [1; y^l]^T / n + 2 lamb W^l, written into ``grad``."""
+    np.matmul(delta, a.T, out=grad)
+    grad *= 1 / delta.shape[1]
+    if lamb:
+        grad += 2 * lamb * W
+
+
+def _hidden_delta(W: np.ndarray, delta: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """delta^l = (W^l without its bias column)^T delta^{l+1} * s (1 - s), with s = y^l for
+    sigma'(z) = y (1 - y)."""
+    delta = W[:, 1:].T @ delta
+    delta *= s
+    delta *= 1 - s
+    return delta
+
+
+def _exact_gradients(
+    weights: Weights, A: list[np.ndarray], Y_L: np.ndarray, Y: np.ndarray, lamb: float, G: Weights
+) -> Weights:
+    """Fill ``G`` with every nabla_{W^l}, all taken from the weights as they are."""
+    delta = Y_L - Y  # delta^L for sigmoid outputs and cross-entropy
+    for l in reversed(range(len(weights))):
+        _layer_gradient(G[l], delta, A[l], weights[l], lamb)
+        if l:
+            delta = _hidden_delta(weights[l], delta, A[l][1:])
+    return G
+
+
+def _lab_step(
     weights: Weights,
     A: list[np.ndarray],
     Y_L: np.ndarray,
     Y: np.ndarray,
     lamb: float,
+    tau: float,
     G: Weights,
-    *,
-    tau: float | None = None,
-) -> Weights:
-    """Fill ``G`` with nabla_{W^l}; with ``tau``, run the lab's loop instead (see ``fit``)."""
-    lab_loop = tau is not None
-    n = Y.shape[1]
-    delta = Y_L - Y  # delta^L for sigmoid outputs and cross-entropy
+) -> None:
+    """One iteration of the lab's loop, in place: W^l is updated before delta^l is computed
+    from it, and sigma' is applied to the activation y^l itself (``sigmoid(y)`` for ``y``)."""
+    delta = Y_L - Y
     for l in reversed(range(len(weights))):
-        W, grad = weights[l], G[l]
-        np.matmul(delta, A[l].T, out=grad)
-        grad *= 1 / n
-        if lamb:
-            grad += 2 * lamb * W
-        if lab_loop:
-            W -= tau * grad  # the lab updates W^l before delta^l is computed from it
-        if l == 0:
-            break
-        y = A[l][1:]
-        # sigma'(z) = y (1 - y) for y = sigma(z); the lab applies sigma' to y itself.
-        s = sigmoid(y) if lab_loop else y
-        delta = W[:, 1:].T @ delta
-        delta *= s
-        delta *= 1 - s
-    return G
+        _layer_gradient(G[l], delta, A[l], weights[l], lamb)
+        weights[l] -= tau * G[l]
+        if l:
+            delta = _hidden_delta(weights[l], delta, sigmoid(A[l][1:]))
 
 
 def gradients(weights: Weights, X: np.ndarray, Y: np.ndarray, lamb: float = 0.0) -> Weights:
@@ -207,7 +224,7 @@ def gradients(weights: Weights, X: np.ndarray, Y: np.ndarray, lamb: float = 0.0)
     X = np.asarray(X, dtype=weights[0].dtype)
     A = _augmented(weights, X)
     Y_L = _forward_into(weights, A, np.empty((weights[-1].shape[0], X.shape[1]), X.dtype))
-    return _backprop(weights, A, Y_L, Y, lamb, [np.empty_like(W) for W in weights])
+    return _exact_gradients(weights, A, Y_L, Y, lamb, [np.empty_like(W) for W in weights])
 
 
 def fit(
@@ -246,7 +263,6 @@ def fit(
     A = _augmented(weights, X)
     Y_L = np.empty((weights[-1].shape[0], X.shape[1]), dtype)
     G = [np.empty_like(W) for W in weights]
-    lab_tau = tau if gradient == "lab" else None
 
     # A diverging run overflows before it is caught below: that is reported, not warned about.
     with np.errstate(over="ignore", invalid="ignore"):
@@ -268,8 +284,10 @@ def fit(
                 callback(LogPoint(t, cost, train_acc, test_acc))
             if t == iters:
                 break
-            _backprop(weights, A, Y_L, Y, lamb, G, tau=lab_tau)
-            if lab_tau is None:
+            if gradient == "lab":
+                _lab_step(weights, A, Y_L, Y, lamb, tau, G)
+            else:
+                _exact_gradients(weights, A, Y_L, Y, lamb, G)
                 for W, grad in zip(weights, G, strict=True):
                     W -= tau * grad
     return weights

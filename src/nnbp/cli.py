@@ -1,22 +1,22 @@
-"""What every stage script shares: one-line errors, and SIGTERM handled like Ctrl-C.
+"""What every command shares (the stage scripts, ``nnbp-gate``, ``nnbp-close-orphans``):
+one-line errors, SIGTERM handled like Ctrl-C, and the progress bar.
 
-A stage is ``@click.command(cls=Stage)`` over a function decorated with ``@user_errors``:
+A command is ``@click.command(cls=Stage)`` over a function decorated with ``@user_errors``:
 
-- a bad option (Click's usage errors: out of range, unknown choice, missing, misspelt) is one
-  line ``Error: Invalid value for '--tau': ...`` and exit status 2, without Click's usage lines;
+- a bad option (Click's usage errors: unknown, misspelt, missing) is one line ``Error: ...``
+  and exit status 2, without Click's usage lines; so is a bad parameter in params.yaml;
 - bad data, an unusable tracking store, an output that cannot be written (read-only or full
   disk) or running out of memory is one line ``Error: ...`` and exit status 1;
 - Ctrl-C is one line and exit status 130, SIGTERM likewise with 143; under DVC, a stage gets
   SIGTERM when DVC dies (``nnbp.parent``), so it never trains on as an orphan.
 
-Outputs are written atomically (``nnbp.io``), so whatever was there before is left as it was.
+Outputs are written atomically (``nnbp.files``), so whatever was there before is left as it was.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -24,10 +24,9 @@ from typing import Any
 
 import click
 
-from nnbp.data import DataError
-from nnbp.params import ParamsError, config_name_problem
-from nnbp.parent import end_with_dvc
-from nnbp.tracking import TrackingError
+from .backprop import LogPoint
+from .errors import UserError, one_line
+from .parent import end_with_dvc
 
 INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 TERMINATED = 143  # 128 + SIGTERM
@@ -58,13 +57,9 @@ def _sigterm_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _one_line(text: str) -> str:
-    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
-
-
 def fail(message: str, status: int = 1) -> None:
     """Print ``Error: message`` as one line on stderr and exit with ``status``."""
-    click.echo(f"Error: {_one_line(message)}", err=True)
+    click.echo(f"Error: {one_line(message)}", err=True)
     sys.exit(status)
 
 
@@ -78,25 +73,7 @@ def interrupted(e: BaseException) -> None:
 
 
 class Stage(click.Command):
-    """A stage script's command: every error ends in one line on stderr and a non-zero exit.
-
-    Every option also answers to its params.yaml spelling, ``--log_every`` for ``--log-every``:
-    DVC's ``${item}`` turns a configuration's keys into options verbatim.
-    """
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        dashed = {
-            "--" + opt[2:].replace("-", "_"): opt
-            for param in self.params
-            for opt in param.opts
-            if opt.startswith("--") and "-" in opt[2:]
-        }
-
-        def spelt(arg: str) -> str:
-            name, eq, value = arg.partition("=")
-            return dashed[name] + eq + value if name in dashed else arg
-
-        return super().parse_args(ctx, [spelt(a) for a in args])
+    """A command whose every error ends in one line on stderr and a non-zero exit."""
 
     def main(  # type: ignore[override]
         self,
@@ -122,24 +99,6 @@ class Stage(click.Command):
         sys.exit(status if isinstance(status, int) else 0)
 
 
-class FiniteFloatRange(click.FloatRange):
-    """``click.FloatRange`` that also refuses ``nan`` and ``inf``."""
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        rv = super().convert(value, param, ctx)
-        if not math.isfinite(rv):
-            self.fail(f"{rv} is not a finite number.", param, ctx)
-        return rv
-
-
-def config_name(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    """Click callback: a configuration name must be a plain file name (it names its outputs)."""
-    problem = config_name_problem(value)
-    if problem is not None:
-        raise click.BadParameter(problem, ctx, param)
-    return value
-
-
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn the user's mistakes and environment faults into one line on stderr and exit 1.
 
@@ -153,11 +112,13 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             with _sigterm_interrupts():
                 return fn(*args, **kwargs)
-        except (DataError, ParamsError, TrackingError) as e:
-            raise click.ClickException(_one_line(e)) from None
+        except UserError as e:
+            error = click.ClickException(one_line(e))
+            error.exit_code = e.exit_code
+            raise error from None
         except OSError as e:
             where = f"{e.filename}: " if e.filename else ""
-            raise click.ClickException(_one_line(f"{where}{e.strerror or e}")) from None
+            raise click.ClickException(one_line(f"{where}{e.strerror or e}")) from None
         except MemoryError:
             raise click.ClickException(
                 "out of memory: the data or the network is too large for this machine"
@@ -166,3 +127,23 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             interrupted(e)
 
     return wrapper
+
+
+class Progress:
+    """A progress bar of a training (iteration, loss, accuracy) on a terminal; in a log (CI,
+    ``dvc exp run --queue``) it stays out of the way."""
+
+    def __init__(self, total: int, name: str) -> None:
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=total, desc=name, unit="it", disable=None, leave=False)
+
+    def show(self, point: LogPoint) -> None:
+        self._bar.update(point.iteration - self._bar.n)
+        self._bar.set_postfix(loss=f"{point.loss:.4f}", acc=f"{point.train_acc:.1f}")
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._bar.close()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nnbp.data import split
+from .labdata import split
 
 SOURCES = ("mnist", "digits")
 SIDE = {"mnist": 20, "digits": 8}  # image side after loading

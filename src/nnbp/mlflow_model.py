@@ -1,18 +1,25 @@
 """The trained network as an MLflow pyfunc model, "models from code": MLflow logs this file as
-the model's code and runs it on load, so nothing is pickled.
+the model's code and runs it on load, so nothing is pickled. ``log_model`` packages it.
 
 ``mlflow.pyfunc.load_model(uri).predict(X)`` takes images as rows, ``X`` of shape (n, d) in the
 form the network was trained on (z-scored as the ``prepare`` stage does), and returns the
 predicted digit of each, 0..9, as int64 (n,). The weights are the ``.npz`` that the ``train``
-stage wrote and DVC tracks, logged beside this file as the artifact ``weights``; the network is
-a copy of ``nnbp/backprop.py`` logged with the model as ``code/nnbp_backprop.py``: the code that
-trained it, loadable where nnbp is not installed, and under a name of its own, so that loading
-the model never shadows an installed nnbp. With other than 10 classes, the output is the file's
-label 1..K.
+stage wrote and DVC tracks, logged beside this file as the artifact ``weights``; it is read, and
+the network run, by a copy of the nnbp modules that define them (``nnbp.artifacts``,
+``nnbp.backprop`` and what they import), logged with the model as ``code/nnbp_model/``: the code
+that trained it, loadable where nnbp is not installed, and under a name of its own, so that
+loading the model never shadows an installed nnbp. With other than 10 classes, the output is the
+file's label 1..K.
+
+This file imports nothing of nnbp at its top: on load it runs alone.
 """
 
 from __future__ import annotations
 
+import importlib
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -20,7 +27,9 @@ import numpy as np
 from mlflow.pyfunc import PythonModel
 
 WEIGHTS = "weights"  # the artifact's key
-NETWORK_MODULE = "nnbp_backprop"  # nnbp/backprop.py as logged with the model
+PACKAGE = "nnbp_model"  # the copy of nnbp's modules logged with the model
+# What TrainedModel.load and backprop.predict need; each imports only these (relatively).
+MODULES = ("__init__", "errors", "archive", "files", "backprop", "artifacts")
 
 
 def to_digits(indices: np.ndarray, classes: int) -> np.ndarray:
@@ -30,22 +39,14 @@ def to_digits(indices: np.ndarray, classes: int) -> np.ndarray:
     return labels % 10 if classes == 10 else labels
 
 
-def load_weights(path: str) -> list[np.ndarray]:
-    """``W1..WL`` of a model written by the train stage (never unpickled)."""
-    with np.load(path, allow_pickle=False) as archive:
-        names = sorted((k for k in archive.files if k[1:].isdigit()), key=lambda k: int(k[1:]))
-        return [archive[name] for name in names]
-
-
 class Network(PythonModel):
     """The pyfunc model: the lab's network on (n, d) images."""
 
     def load_context(self, context: Any) -> None:
-        import importlib
-
         # Imported here: MLflow puts the model's code folder on sys.path before loading it.
-        self.network = importlib.import_module(NETWORK_MODULE)
-        self.weights = load_weights(context.artifacts[WEIGHTS])
+        artifacts = importlib.import_module(f"{PACKAGE}.artifacts")
+        self.backprop = importlib.import_module(f"{PACKAGE}.backprop")
+        self.model = artifacts.TrainedModel.load(context.artifacts[WEIGHTS])
 
     # MLflow reads the input's type hint: np.ndarray asks for no schema of its own (the logged
     # signature is the schema), where no hint at all draws a warning.
@@ -53,10 +54,50 @@ class Network(PythonModel):
         self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None
     ) -> np.ndarray:
         X = np.asarray(model_input, dtype=np.float64)
-        d = self.weights[0].shape[1] - 1
+        d, K = self.model.sizes[0], self.model.sizes[-1]
         if X.ndim != 2 or X.shape[1] != d:
             raise ValueError(f"expected images as rows, shape (n, {d}); got {X.shape}")
-        return to_digits(self.network.predict(self.weights, X.T), self.weights[-1].shape[0])
+        return to_digits(self.backprop.predict(list(self.model.weights), X.T), K)
+
+
+def log_model(name: str, weights_path: str | Path, input_example: np.ndarray, step: int) -> str:
+    """Log the network of ``weights_path`` to MLflow's active run as a Model named ``name``,
+    linked to the metrics of ``step``; returns its ``models:/`` URI.
+
+    ``input_example`` is a few images as rows (n, d); the signature is (n, d) float64 images in,
+    (n,) int64 digits out. The LoggedModel is tagged with the weights file's MD5.
+    """
+    import mlflow.pyfunc
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    from .files import file_md5
+    from .tracking.store import WEIGHTS_MD5_TAG
+
+    d = input_example.shape[1]
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float64), (-1, d))]),  # unnamed: an array,
+        outputs=Schema([TensorSpec(np.dtype(np.int64), (-1,))]),  # not a dict of them
+    )
+    # Given, the requirements are not inferred (which loads the model in a subprocess).
+    requirements = [f"mlflow=={mlflow.__version__}", f"numpy=={np.__version__}"]
+    with tempfile.TemporaryDirectory() as tmp:
+        code = Path(tmp) / PACKAGE
+        code.mkdir()
+        for module in MODULES:
+            shutil.copy(Path(__file__).with_name(f"{module}.py"), code / f"{module}.py")
+        info = mlflow.pyfunc.log_model(
+            name=name,
+            python_model=__file__,
+            artifacts={WEIGHTS: str(weights_path)},
+            code_paths=[str(code)],
+            signature=signature,
+            input_example=input_example,
+            pip_requirements=requirements,
+            tags={WEIGHTS_MD5_TAG: file_md5(weights_path)},
+            step=step,
+        )
+    return info.model_uri
 
 
 mlflow.models.set_model(Network())

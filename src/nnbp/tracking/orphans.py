@@ -1,8 +1,8 @@
 """Orphaned MLflow runs: a run left RUNNING by a process that is gone (``kill -9``, a store that
 was down when the run ended). Each run records its host and process (tags ``nnbp.host``,
 ``nnbp.pid``, ``nnbp.process``); a process on the same host can then tell an orphan from a run
-still training, and close it as FAILED (``nnbp.tracking`` does so as every run starts, and
-``stages/close_orphan_runs.py`` on demand).
+still training, and close it as FAILED (every run does so as it starts, and ``nnbp-close-orphans``
+on demand).
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from ..errors import first_line
 
 PROCESS_TAGS = ("nnbp.host", "nnbp.pid", "nnbp.process")
 
@@ -109,6 +111,24 @@ def close_orphans(client: Any, experiment_id: str, by: str) -> list[Orphan]:
 
 def orphan_note(orphan: Orphan) -> str:
     return (
-        f"note: closed MLflow run {orphan.name} ({orphan.run_id[:8]}) as FAILED: its process "
+        f"note: closed MLflow run '{orphan.name}' ({orphan.run_id[:8]}) as FAILED: its process "
         f"{orphan.pid} on {orphan.host} is gone"
     )
+
+
+def close_orphan_runs() -> tuple[str, list[Orphan]] | None:
+    """``close_orphans`` in the project's experiment of the current store: (its URI, the runs
+    closed); None when tracking is off. ``TrackingError`` when the store cannot be used."""
+    from .store import TrackingError, check_store, find_experiment, tracking_uri
+
+    uri = tracking_uri()
+    if uri is None:
+        return None
+    check_store(uri)
+    try:
+        client, experiment_id = find_experiment(uri)
+        if experiment_id is None:
+            return uri, []
+        return uri, close_orphans(client, experiment_id, "nnbp-close-orphans")
+    except Exception as e:
+        raise TrackingError(f"MLflow store {uri} cannot be used: {first_line(e)}") from None

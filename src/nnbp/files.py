@@ -1,4 +1,5 @@
-"""Atomic, byte-reproducible writers: every output appears whole or not at all.
+"""Writing files so that every output appears whole or not at all, with the same bytes for the
+same content; and the MD5 that DVC records of a file.
 
 Each writer fills a temporary file beside the target and renames it into place, so an error,
 Ctrl-C or a full disk leaves the previous output as it was. ``atomic_paths`` does the same for
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import signal
@@ -125,3 +127,12 @@ def write_text(path: str | Path, text: str) -> None:
 
 def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def file_md5(path: str | Path) -> str:
+    """The MD5 of a file's bytes (what DVC records), read in 1 MiB blocks."""
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from nnbp.data import file_md5, first_line
-from nnbp.tracking import (
-    EXPERIMENT,
-    MLFLOW_DEFAULTS,
+from ..errors import first_line
+from ..files import file_md5
+from .store import (
     OPT_OUT,
     WEIGHTS_MD5_TAG,
     TrackingError,
-    _check_reachable,
+    check_store,
+    find_experiment,
     tracking_uri,
 )
 
@@ -30,20 +29,16 @@ def register(weights_path: str | Path, model_name: str, alias: str = "champion")
     uri = tracking_uri()
     if uri is None:
         raise TrackingError(f"{OPT_OUT}=off: there is no MLflow store to register a model in")
-    _check_reachable(uri)
-    for key, value in MLFLOW_DEFAULTS.items():
-        os.environ.setdefault(key, value)
+    check_store(uri)
     md5 = file_md5(weights_path)
     try:
-        from mlflow import MlflowClient
+        client, experiment_id = find_experiment(uri)
         from mlflow.exceptions import MlflowException
 
-        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        experiment = client.get_experiment_by_name(EXPERIMENT)
         found = []
-        if experiment is not None:
+        if experiment_id is not None:
             found = client.search_logged_models(
-                experiment_ids=[experiment.experiment_id],
+                experiment_ids=[experiment_id],
                 filter_string=f"tags.`{WEIGHTS_MD5_TAG}` = '{md5}'",
                 order_by=[{"field_name": "creation_timestamp", "ascending": False}],
                 max_results=1,

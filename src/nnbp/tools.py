@@ -1,0 +1,146 @@
+"""The project's commands that are no DVC stage, installed as console scripts:
+
+nnbp-gate                       # reports/metrics.json against the metrics committed at HEAD
+nnbp-gate --baseline-ref main   # in a pull request
+nnbp-close-orphans              # close the MLflow runs whose process is gone
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from . import config
+from .artifacts import load_metrics
+from .cli import Stage, user_errors
+from .gate import metrics_at_ref, run_gate
+from .tracking.orphans import close_orphan_runs, orphan_note
+from .tracking.store import OPT_OUT
+
+FILE = click.Path(dir_okay=False, path_type=Path)
+FOLDER = click.Path(file_okay=False, path_type=Path)
+
+
+@click.command(cls=Stage)
+@click.option(
+    "--metrics",
+    "metrics_path",
+    type=FILE,
+    default="reports/metrics.json",
+    show_default=True,
+    help="The new metrics.",
+)
+@click.option(
+    "--baseline-ref",
+    default="HEAD",
+    show_default=True,
+    help="Git revision whose committed metrics file is the baseline (`main` in a PR).",
+)
+@click.option(
+    "--baseline",
+    "baseline_path",
+    type=FILE,
+    help="A metrics file to compare with instead of --baseline-ref.",
+)
+@click.option(
+    "--params",
+    "params_path",
+    type=FILE,
+    default="params.yaml",
+    show_default=True,
+    help="Where the `gate:` tolerances are.",
+)
+@click.option(
+    "--lock",
+    "lock_path",
+    type=FILE,
+    default="dvc.lock",
+    show_default=True,
+    help="Checked against the models' own hyperparameters (skipped if absent).",
+)
+@click.option(
+    "--models",
+    "models_dir",
+    type=FOLDER,
+    default="models",
+    show_default=True,
+    help="The trained models that --lock must describe.",
+)
+@click.option(
+    "--max-test-acc-drop",
+    type=click.FloatRange(min=0),
+    help="Percentage points test accuracy may fall [params: gate.max_test_acc_drop].",
+)
+@click.option(
+    "--max-train-acc-drop",
+    type=click.FloatRange(min=0),
+    help="Percentage points training accuracy may fall [gate.max_train_acc_drop].",
+)
+@click.option(
+    "--max-loss-rise",
+    type=click.FloatRange(min=0),
+    help="Percent (relative) the loss may rise [params: gate.max_loss_rise].",
+)
+@user_errors
+def gate(
+    metrics_path: Path,
+    baseline_ref: str,
+    baseline_path: Path | None,
+    params_path: Path,
+    lock_path: Path,
+    models_dir: Path,
+    **overrides: float | None,
+) -> None:
+    """Fail when the metrics regressed against a baseline beyond the tolerances of `gate:` in
+    params.yaml, or when dvc.lock does not describe the models on disk.
+
+    Prints a Markdown table (config, metric, baseline, new, change, verdict) on stdout, one line
+    per failure on stderr, and exits 1 if anything failed."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    tolerances = given
+    if len(given) < len(overrides):  # the rest from params.yaml
+        params = config.Params(config.read_yaml(params_path), ["gate"], source=str(params_path))
+        tolerances = {**config.Tolerances.read(params).model_dump(), **given}
+    new = load_metrics(metrics_path)
+    if baseline_path is not None:
+        baseline, source = load_metrics(baseline_path), str(baseline_path)
+    else:
+        baseline, source = metrics_at_ref(metrics_path, baseline_ref), baseline_ref
+    checked = lock_path.is_file() and models_dir.is_dir()
+    verdict = run_gate(
+        new,
+        baseline,
+        tolerances,
+        title=f"{metrics_path} against {source}",
+        lock=lock_path if checked else None,
+        models=models_dir if checked else None,
+    )
+    click.echo(verdict.report)
+    for line in verdict.failures:
+        click.echo(line, err=True)
+    if not verdict.passed:
+        sys.exit(1)
+
+
+@click.command(cls=Stage)
+@user_errors
+def close_orphans() -> None:
+    """Close the MLflow runs left RUNNING by a training process that is gone.
+
+    A run whose process was killed (kill -9, out of memory) or that could not be closed because
+    the store was unreachable at the time stays RUNNING. Every training run closes such orphans
+    when it starts; this does the same on demand, in the store training would use
+    (MLFLOW_TRACKING_URI or the project's mlflow.db): every RUNNING run of this host whose
+    process no longer exists is closed as FAILED, with a tag saying why. Runs of other hosts,
+    and of processes still running, are left alone. One line per closed run."""
+    result = close_orphan_runs()
+    if result is None:
+        click.echo(f"tracking is off ({OPT_OUT}=off): no store to look at")
+        return
+    uri, closed = result
+    for orphan in closed:
+        click.echo(orphan_note(orphan))
+    if not closed:
+        click.echo(f"{uri}: no orphaned run")
