@@ -1,4 +1,4 @@
-"""Time nnbp.backprop.fit against the lab's own training loop (tests/lab_loop.py).
+"""Time nnbp.backprop.fit against the lab's own training loop (nnbp.lab.lab_train).
 
 Run from the repository root::
 
@@ -19,17 +19,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tests.lab_loop
-
 from nnbp.backprop import fit, init_weights, one_hot, sigmoid, zscore
-from tests.lab_loop import lab_train
+from nnbp.lab import lab_train
 
 SIZES = [400, 100, 10]
 TARGETS = (  # (label, numerator, denominator, comparison, threshold)

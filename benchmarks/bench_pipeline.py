@@ -23,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-IMPORTS = "import numpy, click, matplotlib.pyplot, mlflow, threadpoolctl, tqdm, nnbp.tracking"
+IMPORTS = "import numpy, click, matplotlib.pyplot, mlflow, threadpoolctl, tqdm, nnbp.tracking.run"
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -55,8 +55,9 @@ def main() -> None:
         alone = 0.0
         for name, lines in stages:
             cmd = " && ".join(line[2:] for line in lines.splitlines())
-            tracked, _ = _timed(cmd, repo, NNBP_TRACKING="on")
-            untracked, _ = _timed(cmd, repo, NNBP_TRACKING="off")
+            # as DVC runs it: train learns its configuration from DVC_STAGE
+            tracked, _ = _timed(cmd, repo, NNBP_TRACKING="on", DVC_STAGE=name)
+            untracked, _ = _timed(cmd, repo, NNBP_TRACKING="off", DVC_STAGE=name)
             alone += tracked
             print(f"{name:<16}{tracked:>10.1f}{untracked:>12.1f}{tracked - untracked:>10.1f}")
         print(f"\nstages alone: {alone:.1f} s; DVC's own share of the repro: {total - alone:.1f} s")

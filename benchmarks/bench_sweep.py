@@ -12,7 +12,7 @@ the three trainings, evaluate and render), runs ``dvc queue start -j J`` and wai
 is empty; the wall time from the start to the last experiment's end is printed, then the ratio.
 The two sweeps use different seeds, so neither can be served from DVC's run cache, and the same
 network sizes, so they do the same work. Before them, the single-fit times per BLAS thread count
-(``bench_threads.py``'s worker, quiet) say what one training costs. The exit status is always 0.
+(quiet) say what one training costs. The exit status is always 0.
 """
 
 from __future__ import annotations
@@ -25,9 +25,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_threads import _run_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -63,16 +60,36 @@ def _sweep(repo: Path, jobs: int, seeds: list[int]) -> float:
     return elapsed
 
 
+def _fit_ms(threads: int, iters: int = 100, repeats: int = 3) -> float:
+    """Median ms per iteration of the default 400-100-10 fit on ``threads`` BLAS threads."""
+    import statistics
+
+    import numpy as np
+    from threadpoolctl import threadpool_limits
+
+    from nnbp import datasets
+    from nnbp.backprop import fit, init_weights, one_hot, zscore
+
+    d = datasets.load("mnist", 1000, 0)
+    X, Y = zscore(d["X_train"]), one_hot(d["y_train"].ravel() - 1, 10)
+    W = init_weights([X.shape[0], 100, 10], np.random.default_rng(0))
+    times = []
+    with threadpool_limits(threads, user_api="blas"):
+        for _ in range(repeats + 1):  # the first warms up
+            start = time.perf_counter()
+            fit(X, Y, W, tau=0.2, iters=iters)
+            times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times[1:]) / iters
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=5000, help="training iterations")
     parser.add_argument("--experiments", type=int, default=4)
     args = parser.parse_args()
 
-    single = _run_worker("mnist", [1, 2], 100, 3, None)
-    for threads, times in single["times"].items():
-        ms = 1e3 * sorted(times)[len(times) // 2] / 100
-        print(f"one fit, 400-100-10, {threads} BLAS thread(s): {ms:.2f} ms/iter")
+    for threads in (1, 2):
+        print(f"one fit, 400-100-10, {threads} BLAS thread(s): {_fit_ms(threads):.2f} ms/iter")
 
     with tempfile.TemporaryDirectory(prefix="nnbp-sweep-") as tmp:
         repo = Path(tmp) / "repo"

@@ -10,14 +10,12 @@ training examples and the rest for testing (shuffled with ``data.split_seed``).
 import click
 
 from nnbp import config, datasets
-from nnbp.cli import Stage, user_errors
+from nnbp.cli import Stage, path_option, user_errors
 from nnbp.files import save_npz
 
 
 @click.command(cls=Stage)
-@click.option(
-    "--out", type=click.Path(dir_okay=False), default="data/digits.npz", show_default=True
-)
+@path_option("--out", "data/digits.npz")
 @user_errors
 def main(out: str) -> None:
     data = config.EmbeddedData.read(config.read("data"))

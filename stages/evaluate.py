@@ -10,27 +10,17 @@ import click
 
 from nnbp import config, reports
 from nnbp.artifacts import Prepared, load_models
-from nnbp.cli import Stage, user_errors
+from nnbp.cli import Stage, path_option, user_errors
 from nnbp.evaluation import evaluate
 from nnbp.files import atomic_paths, write_json, write_text
 
-FILE = click.Path(dir_okay=False)
-
 
 @click.command(cls=Stage)
-@click.option(
-    "--prepared", type=click.Path(file_okay=False), default="data/prepared", show_default=True
-)
-@click.option(
-    "--models", "models_dir", type=click.Path(file_okay=False), default="models", show_default=True
-)
-@click.option(
-    "--metrics", "metrics_path", type=FILE, default="reports/metrics.json", show_default=True
-)
-@click.option("--table", "table_path", type=FILE, default="reports/results.md", show_default=True)
-@click.option(
-    "--confusion", "confusion_path", type=FILE, default="reports/confusion.json", show_default=True
-)
+@path_option("--prepared", "data/prepared", folder=True)
+@path_option("--models", "models", folder=True, dest="models_dir")
+@path_option("--metrics", "reports/metrics.json", dest="metrics_path")
+@path_option("--table", "reports/results.md", dest="table_path")
+@path_option("--confusion", "reports/confusion.json", dest="confusion_path")
 @user_errors
 def main(
     prepared: str, models_dir: str, metrics_path: str, table_path: str, confusion_path: str

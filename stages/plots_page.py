@@ -7,15 +7,13 @@ from the copies that the pip package django-js-lib-vega-embed installs (``nnbp.p
 
 import click
 
-from nnbp.cli import Stage, user_errors
+from nnbp.cli import Stage, path_option, user_errors
 from nnbp.files import write_text
 from nnbp.plots import VEGA_PACKAGE, offline_page
 
 
 @click.command(cls=Stage)
-@click.option(
-    "--out", type=click.Path(dir_okay=False), default="reports/plots_page.html", show_default=True
-)
+@path_option("--out", "reports/plots_page.html")
 @user_errors
 def main(out: str) -> None:
     try:

@@ -6,12 +6,12 @@ import click
 from nnbp import config
 from nnbp.artifacts import Prepared
 from nnbp.backprop import one_hot
-from nnbp.cli import Stage, user_errors
+from nnbp.cli import Stage, path_option, user_errors
 from nnbp.labdata import image_shape, load_dataset, standardise
 
 
 @click.command(cls=Stage)
-@click.option("--out", type=click.Path(file_okay=False), default="data/prepared", show_default=True)
+@path_option("--out", "data/prepared", folder=True)
 @user_errors
 def main(out: str) -> None:
     data = config.Data.read(config.read("prepare"))

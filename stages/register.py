@@ -13,23 +13,15 @@ import click
 
 from nnbp import config
 from nnbp.artifacts import load_metrics
-from nnbp.cli import Stage, user_errors
+from nnbp.cli import Stage, path_option, user_errors
 from nnbp.tracking.registry import champion, register
 
 ALIAS = "champion"
 
 
 @click.command(cls=Stage)
-@click.option(
-    "--metrics",
-    "metrics_path",
-    type=click.Path(dir_okay=False),
-    default="reports/metrics.json",
-    show_default=True,
-)
-@click.option(
-    "--models", "models_dir", type=click.Path(file_okay=False), default="models", show_default=True
-)
+@path_option("--metrics", "reports/metrics.json", dest="metrics_path")
+@path_option("--models", "models", folder=True, dest="models_dir")
 @user_errors
 def main(metrics_path: str, models_dir: str) -> None:
     registry = config.Registry.read(config.read("register"))

@@ -8,27 +8,17 @@ import click
 
 from nnbp import config, figures, plots
 from nnbp.artifacts import History, Prepared, load_models
-from nnbp.cli import Stage, user_errors
+from nnbp.cli import Stage, path_option, user_errors
 from nnbp.files import atomic_paths, write_json
 from nnbp.labdata import load_dataset
 
-FOLDER = click.Path(file_okay=False)
-
 
 @click.command(cls=Stage)
-@click.option("--prepared", type=FOLDER, default="data/prepared", show_default=True)
-@click.option("--models", "models_dir", type=FOLDER, default="models", show_default=True)
-@click.option(
-    "--histories", "history_dir", type=FOLDER, default="reports/history", show_default=True
-)
-@click.option("--out-dir", type=FOLDER, default="reports/figures", show_default=True)
-@click.option(
-    "--curves",
-    "curves_path",
-    type=click.Path(dir_okay=False),
-    default="reports/curves.json",
-    show_default=True,
-)
+@path_option("--prepared", "data/prepared", folder=True)
+@path_option("--models", "models", folder=True, dest="models_dir")
+@path_option("--histories", "reports/history", folder=True, dest="history_dir")
+@path_option("--out-dir", "reports/figures", folder=True)
+@path_option("--curves", "reports/curves.json", dest="curves_path")
 @user_errors
 def main(prepared: str, models_dir: str, history_dir: str, out_dir: str, curves_path: str) -> None:
     params = config.read("render")

@@ -11,20 +11,16 @@ import click
 
 from nnbp import config
 from nnbp.artifacts import History, Prepared, save_trained
-from nnbp.cli import Progress, Stage, user_errors
+from nnbp.cli import Progress, Stage, path_option, user_errors
 from nnbp.tracking.run import Run, training_params
 from nnbp.training import train
 
 
 @click.command(cls=Stage)
 @click.argument("name", required=False)
-@click.option(
-    "--prepared", type=click.Path(file_okay=False), default="data/prepared", show_default=True
-)
-@click.option("--models", type=click.Path(file_okay=False), default="models", show_default=True)
-@click.option(
-    "--histories", type=click.Path(file_okay=False), default="reports/history", show_default=True
-)
+@path_option("--prepared", "data/prepared", folder=True)
+@path_option("--models", "models", folder=True)
+@path_option("--histories", "reports/history", folder=True)
 @user_errors
 def main(name: str | None, prepared: str, models: str, histories: str) -> None:
     name = name or config.configuration_of_stage()

@@ -7,6 +7,7 @@ untracked, not ignored files, committed to a fresh git repository.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -17,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's python, dvc and mlflow
@@ -42,22 +42,6 @@ def clean_env(**extra: str) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env
-
-
-def train_args(
-    *,
-    iters: int = 20,
-    log_every: int = 10,
-    model: str = "models/h25.npz",
-    history: str = "reports/history/h25.json",
-) -> list[str]:
-    """The options dvc.yaml gives `stages/train.py` for h25 (few iterations by default)."""
-    return [
-        *("--name", "h25", "--hidden", "25", "--tau", "0.2", "--lamb", "0"),
-        *("--iters", str(iters), "--seed", "0", "--gradient", "exact", "--dtype", "float64"),
-        *("--log-every", str(log_every), "--data", "data/digits.npz"),
-        *("--prepared", "data/prepared", "--model", model, "--history", history),
-    ]
 
 
 def run(
@@ -100,7 +84,7 @@ def set_params(repo: Path, **updates: Any) -> None:
     path = repo / "params.yaml"
     text = path.read_text()
     for key, value in updates.items():
-        flow = yaml.safe_dump(value, default_flow_style=True).removesuffix("\n...\n").strip()
+        flow = json.dumps(value)  # JSON is YAML's flow style
         text, n = re.subn(
             rf"^({re.escape(key)}:[ \t]*)[^#\n]*?([ \t]*(#.*)?)$",
             lambda m, flow=flow: f"{m.group(1)}{flow}{m.group(2)}",
@@ -153,3 +137,14 @@ def repo_copy(tmp_path: Path) -> Callable[..., Path]:
         return copy_repo(tmp_path / name, **params)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A module's workspace: params.yaml, dvc.yaml and the outputs of the data, prepare and
+    train@h25 stages, made by the stage scripts (``errors_helpers.make_workspace``)."""
+    from tests.errors_helpers import make_workspace
+
+    root = tmp_path_factory.mktemp("workspace")
+    make_workspace(root)
+    return root

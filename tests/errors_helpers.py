@@ -1,34 +1,40 @@
-"""Helpers of the error tests: run a stage as the user does, snapshot outputs, make bad files."""
+"""Helpers of the error tests: run a stage as the user does, change its parameters, snapshot
+outputs, make bad files."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import io
 import os
 import pickle
 import re
+import shutil
 import sqlite3
 import struct
 import subprocess
 import sys
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import click
 import numpy as np
 import scipy.io
 from click.testing import CliRunner
+from ruamel.yaml import YAML
 
-from tests.conftest import clean_env, copy_repo, train_args
+from tests.conftest import clean_env, copy_repo
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ROOT / "stages"
 OUTPUT_DIRS = ("data/prepared", "models", "reports")
-TRAIN_ARGS = train_args()
+# The workspace's training: the digits, few iterations (params.yaml's other values as they are).
+WORKSPACE_PARAMS = {"data.source": "digits", "iters": 20, "log_every": 10}
 
 
 def stage_env(tracking_uri: str | None = None, **extra: str) -> dict[str, str]:
@@ -77,9 +83,9 @@ def invoke(
 ) -> subprocess.CompletedProcess:
     """Run a stage's command in this process (Click's test runner): the entry point of the
     script without the cost of a new interpreter. Anything but a clean exit propagates."""
-    env = {"NNBP_TRACKING": "off", "MLFLOW_TRACKING_URI": None}
+    env = {"NNBP_TRACKING": "off", "MLFLOW_TRACKING_URI": None, "DVC_STAGE": None}
     if tracking_uri is not None:
-        env = {"NNBP_TRACKING": None, "MLFLOW_TRACKING_URI": tracking_uri}
+        env.update(NNBP_TRACKING=None, MLFLOW_TRACKING_URI=tracking_uri)
     previous = Path.cwd()
     os.chdir(cwd)
     try:
@@ -91,20 +97,34 @@ def invoke(
     return subprocess.CompletedProcess(list(args), result.exit_code, result.stdout, result.stderr)
 
 
-def with_option(args: list[str] | tuple[str, ...], option: str, *values: str) -> list[str]:
-    """``args`` with ``option`` set to ``values`` (given once per value), or removed if none."""
-    out, skip = [], False
-    for a in args:
-        if skip:
-            skip = False
-            continue
-        if a == option:
-            skip = True
-            continue
-        out.append(a)
-    for v in values:
-        out += [option, v]
-    return out
+def write_params(root: Path, changes: Mapping[str, Any]) -> None:
+    """Set the dotted keys of ``changes`` in ``root/params.yaml`` (``None`` deletes a key)."""
+    yaml = YAML(typ="safe")
+    path = root / "params.yaml"
+    params = yaml.load(path.read_text())
+    for key, value in changes.items():
+        *parents, last = key.split(".")
+        node = params
+        for part in parents:
+            node = node[part]
+        if value is None:
+            node.pop(last, None)
+        else:
+            node[last] = value
+    with path.open("w") as f:
+        yaml.dump(params, f)
+
+
+@contextlib.contextmanager
+def changed_params(root: Path, changes: Mapping[str, Any]) -> Iterator[Path]:
+    """``root`` with ``changes`` in its params.yaml for the block (``write_params``)."""
+    path = root / "params.yaml"
+    before = path.read_text()
+    write_params(root, changes)
+    try:
+        yield root
+    finally:
+        path.write_text(before)
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -147,16 +167,22 @@ def leftover_temp_files(root: Path) -> list[Path]:
 # --- the workspace: a data file, its prepared arrays, one trained model ----------------------
 
 
-def make_workspace(root: Path) -> None:
-    """Build ``root/data/digits.npz``, ``root/data/prepared`` and a trained ``h25`` through the
-    stage scripts, so that every error test has previous outputs to compare with."""
+def project_files(root: Path, changes: Mapping[str, Any] | None = None) -> Path:
+    """The project's params.yaml (with ``changes``) and dvc.yaml in ``root``: what a stage
+    reads its parameters from."""
     root.mkdir(parents=True, exist_ok=True)
-    steps = [
-        ("data", ["--out", "data/digits.npz", "--source", "digits"]),
-        ("prepare", ["--data", "data/digits.npz", "--out-dir", "data/prepared"]),
-        ("train", TRAIN_ARGS),
-    ]
-    for stage, args in steps:
+    for name in ("params.yaml", "dvc.yaml"):
+        shutil.copy(ROOT / name, root / name)
+    write_params(root, changes or {})
+    return root
+
+
+def make_workspace(root: Path) -> None:
+    """``project_files`` (``WORKSPACE_PARAMS`` applied) in ``root``, then ``data/digits.npz``,
+    ``data/prepared`` and a trained ``h25`` made by the stage scripts, so that every error test
+    has previous outputs to compare with."""
+    project_files(root, WORKSPACE_PARAMS)
+    for stage, args in (("data", ()), ("prepare", ()), ("train", ("h25",))):
         proc = run_stage(stage, *args, cwd=root)
         assert proc.returncode == 0, proc.stderr
 
@@ -451,6 +477,41 @@ def npz_bomb(good: Path, path: Path, nbytes: int = 3 * 10**9, consistent: bool =
     return write_zip(path, members)
 
 
+def _mat_element(kind: int, payload: bytes) -> bytes:
+    """A MATLAB v5 data element: its tag, then ``payload`` padded to 8 bytes."""
+    return struct.pack("<II", kind, len(payload)) + payload + bytes(-len(payload) % 8)
+
+
+def _mat_matrix_head(name: str, shape: tuple[int, int], cls: int, kind: int, nbytes: int) -> bytes:
+    """A miMATRIX element up to its data: tag, array flags, dimensions, name, data tag."""
+    flags = _mat_element(6, struct.pack("<II", cls, 0))  # miUINT32: the class
+    dims = _mat_element(5, struct.pack("<ii", *shape))  # miINT32
+    label = _mat_element(1, name.encode())  # miINT8
+    body = len(flags) + len(dims) + len(label) + 8 + nbytes + (-nbytes % 8)
+    return struct.pack("<II", 14, body) + flags + dims + label + struct.pack("<II", kind, nbytes)
+
+
+def mat_bomb(path: Path, n: int, d: int = 400, labels: int | None = None) -> Path:
+    """A MATLAB v5 file of Coursera's kind: ``X`` (n, d) of float64 zeros, compressed (n = 200,000
+    is 640 MB from 0.6 MB; at most 4 GB), and ``y`` (labels, 1) of ones (``labels`` defaults to
+    n). Written in a second without holding X in memory: one deflated block of zeros, repeated."""
+    header = b"MATLAB 5.0 MAT-file, nnbp tests".ljust(116) + bytes(8) + b"\x00\x01IM"
+    nbytes = n * d * 8
+    raw = deflated_zeros("X", _mat_matrix_head("X", (n, d), 6, 9, nbytes), nbytes)  # double
+    adler = zlib.adler32(_mat_matrix_head("X", (n, d), 6, 9, nbytes))
+    # Zero bytes leave Adler-32's sum A as it is and add A to its sum B once each.
+    low, high = adler & 0xFFFF, adler >> 16
+    adler = (((high + nbytes * low) % 65521) << 16) | low
+    stream = b"\x78\xda" + b"".join(raw.chunks) + struct.pack(">I", adler)
+    m = n if labels is None else labels
+    y = _mat_matrix_head("y", (m, 1), 9, 2, m) + bytes([1]) * m + bytes(-m % 8)  # uint8
+    with path.open("wb") as f:
+        f.write(header)
+        for compressed in (stream, zlib.compress(y)):  # miCOMPRESSED, unpadded
+            f.write(struct.pack("<II", 15, len(compressed)) + compressed)
+    return path
+
+
 # --- MLflow runs ----------------------------------------------------------------------------
 
 
@@ -519,7 +580,7 @@ def init_mlflow_store(db: Path) -> None:
     beside it, so that a stage's first use of it prints nothing."""
     from mlflow import MlflowClient
 
-    from nnbp.tracking import EXPERIMENT
+    from nnbp.tracking.store import EXPERIMENT
 
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
     client.create_experiment(EXPERIMENT, artifact_location=(db.parent / "artifacts").as_uri())

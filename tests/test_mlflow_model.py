@@ -16,9 +16,9 @@ import mlflow
 import numpy as np
 import pytest
 
+from nnbp.artifacts import Prepared, TrainedModel
 from nnbp.backprop import predict
-from nnbp.data import read_model, read_prepared
-from nnbp.tracking import EXPERIMENT
+from nnbp.tracking.store import EXPERIMENT
 from tests.conftest import clean_env, copy_repo, dvc
 
 pytestmark = pytest.mark.slow
@@ -47,18 +47,18 @@ def store(trained):
 
 def test_pyfunc_model_predicts_what_nnbp_predicts_on_the_default_mnist_data(store) -> None:
     repo, uri = store
-    train, test = read_prepared(repo / "data" / "prepared")
-    assert test["X"].shape == (400, 4000)  # the lab's problem: 20x20 images, 4,000 test images
-    weights, _ = read_model(repo / "models" / "h25.npz")
+    data = Prepared.load(repo / "data" / "prepared")
+    assert data.X_test.shape == (400, 4000)  # the lab's problem: 20x20 images, 4,000 test images
+    weights = list(TrainedModel.load(repo / "models" / "h25.npz").weights)
     model = mlflow.pyfunc.load_model(uri)
-    for split in (train, test):
-        got = model.predict(split["X"].T)
-        indices = predict(weights, split["X"])
+    for X in (data.X_train, data.X_test):
+        got = model.predict(X.T)
+        indices = predict(weights, X)
         # The model answers with the digit; nnbp with the class index, label 10 being digit 0.
         assert got.dtype == np.int64 and got.shape == indices.shape
         np.testing.assert_array_equal(got, (indices + 1) % 10)
     # and it has learned something, so the comparison is not between two constant answers
-    assert len(np.unique(model.predict(test["X"].T))) == 10
+    assert len(np.unique(model.predict(data.X_test.T))) == 10
 
 
 def test_model_signature_takes_images_and_returns_digits_with_real_test_images_as_example(
@@ -75,8 +75,9 @@ def test_model_signature_takes_images_and_returns_digits_with_real_test_images_a
     ]
     model = mlflow.pyfunc.load_model(uri)
     example = model.input_example
-    _, test = read_prepared(repo / "data" / "prepared")
-    np.testing.assert_array_equal(example, test["X"][:, :5].T)
+    np.testing.assert_array_equal(
+        example, Prepared.load(repo / "data" / "prepared").X_test[:, :5].T
+    )
 
 
 UNPICKLE_FREE_LOAD = """
@@ -90,7 +91,7 @@ mlflow.set_tracking_uri(sys.argv[1])
 model = mlflow.pyfunc.load_model(sys.argv[2])
 X = np.load(sys.argv[3])["X"].T
 print(",".join(map(str, model.predict(X)[:20])))
-print("nnbp" in sys.modules, sys.modules["nnbp_backprop"].__file__)
+print("nnbp" in sys.modules, sys.modules["nnbp_model.artifacts"].__file__)
 """
 
 
@@ -113,11 +114,12 @@ def test_model_loads_without_unpickling_and_without_the_installed_nnbp(trained) 
     )
     assert result.returncode == 0, result.stderr[-3000:]
     digits, loaded = result.stdout.strip().splitlines()[-2:]
-    _, test = read_prepared(repo / "data" / "prepared")
-    weights, _ = read_model(repo / "models" / "h25.npz")
-    expected = (predict(weights, test["X"][:, :20]) + 1) % 10
+    X = Prepared.load(repo / "data" / "prepared").X_test
+    weights = list(TrainedModel.load(repo / "models" / "h25.npz").weights)
+    expected = (predict(weights, X[:, :20]) + 1) % 10
     assert digits == ",".join(map(str, expected))
-    # The network code came with the model (its code/ folder), not from the installed package.
+    # The model's format and network came with it (its code/ folder), not from the installed
+    # package: the model file is read by nnbp.artifacts' own copy.
     used_installed, module = loaded.split(" ", 1)
     assert used_installed == "False"
-    assert module.endswith("code/nnbp_backprop.py") and str(repo / "mlartifacts") in module
+    assert module.endswith("code/nnbp_model/artifacts.py") and str(repo / "mlartifacts") in module

@@ -1,8 +1,10 @@
-"""Issue 11, finding 6: an .npz that inflates to gigabytes is refused fast, in bounded memory.
+"""Issue 11, finding 6, and issue 14: an .npz or .mat that inflates to gigabytes is refused fast,
+in bounded memory.
 
-Every member's .npy header is read and checked (against its zip entry, against what its
+Every .npz member's .npy header is read and checked (against its zip entry, against what its
 compressed bytes can hold, against the other arrays and the memory available) before any data is
-inflated. The issue's bomb (2.9 MB inflating to 3 GB) runs through the prepare script as a
+inflated; a .mat file's variables by their headers (scipy.io.whosmat). The issue's bombs (2.9 MB
+inflating to 3 GB; a 0.6 MB .mat inflating to 640 MB) run through the prepare script as a
 process, timed and with its peak memory measured; the lying archives run in-process.
 """
 
@@ -21,10 +23,11 @@ from tests.errors_helpers import (
     ZipMember,
     _good,
     assert_one_line_error,
+    changed_params,
     deflated_zeros,
     invoke,
     leftover_temp_files,
-    make_workspace,
+    mat_bomb,
     npy_header,
     npy_member,
     npz_bomb,
@@ -37,13 +40,6 @@ from tests.errors_helpers import (
 GB = 10**9
 FAST = 10  # seconds: Python and NumPy start-up on a loaded machine, then reading a few headers
 SMALL = 400 * 2**20  # bytes of peak memory: the interpreter, NumPy, and no array of the bomb
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("workspace")
-    make_workspace(root)
-    return root
 
 
 @pytest.fixture
@@ -92,8 +88,8 @@ def _run_measured(cmd: list[str], cwd: Path, address_space: int | None = None):
 def test_the_issue_s_bomb_is_refused_in_a_second_without_inflating(unchanged: Path, tmp_path: Path):
     bomb = npz_bomb(unchanged / "data/digits.npz", tmp_path / "bomb.npz")
     assert bomb.stat().st_size < 3_000_000  # 2.9 MB on disk, 3 GB inflated
-    cmd = stage_cmd("prepare", "--data", str(bomb), "--out-dir", "data/prepared")
-    proc, seconds, rss = _run_measured(cmd, unchanged)
+    with changed_params(unchanged, {"data.path": str(bomb)}):
+        proc, seconds, rss = _run_measured(stage_cmd("prepare"), unchanged)
     assert_one_line_error(
         proc, f"Error: {bomb}: y_train has 1000 labels for 5859375 examples", status=1
     )
@@ -109,8 +105,8 @@ def test_a_consistent_bomb_beyond_the_memory_is_refused_before_inflating(
     """Labels for every example: only the size betrays it, against a 2 GiB address space. The
     1 GB one fits, but not with the float64 copy and the z-scored values prepare makes of it."""
     bomb = npz_bomb(unchanged / "data/digits.npz", tmp_path / "bomb.npz", nbytes, consistent=True)
-    cmd = stage_cmd("prepare", "--data", str(bomb), "--out-dir", "data/prepared")
-    proc, seconds, rss = _run_measured(cmd, unchanged, address_space=2 * 2**30)
+    with changed_params(unchanged, {"data.path": str(bomb)}):
+        proc, seconds, rss = _run_measured(stage_cmd("prepare"), unchanged, 2 * 2**30)
     need = f"{3 * nbytes / GB:.1f} GB of memory to load and z-score ({nbytes / GB:.1f} GB inflated)"
     line = assert_one_line_error(proc, f"Error: {bomb}: needs {need}, more than the ", status=1)
     assert line.endswith(" available; refused before inflating"), line
@@ -186,7 +182,8 @@ def test_an_archive_that_lies_about_its_sizes_is_refused_unread(
     make, message, *more = LYING[case]
     path = make(unchanged / "data/digits.npz", tmp_path / "lying.npz")
     started = time.monotonic()
-    proc = invoke("prepare", "--data", str(path), "--out-dir", "data/prepared", cwd=unchanged)
+    with changed_params(unchanged, {"data.path": str(path)}):
+        proc = invoke("prepare", cwd=unchanged)
     assert_one_line_error(proc, f"Error: {path}: {message}", *more, status=1)
     assert time.monotonic() - started < FAST
 
@@ -199,13 +196,7 @@ def test_a_member_of_a_model_is_checked_too(unchanged: Path, tmp_path: Path):
     with np.load(unchanged / "models/h25.npz") as model:
         rest = [npy_member(f"{k}.npy", model[k]) for k in model.files if k != "W1"]
     write_zip(bomb, [member, *rest])
-    proc = invoke(
-        "evaluate",
-        *("--prepared", "data/prepared", "--models", str(tmp_path / "models")),
-        *("--metrics", str(tmp_path / "m.json"), "--table", str(tmp_path / "t.md")),
-        *("--confusion", str(tmp_path / "c.json")),
-        cwd=unchanged,
-    )
+    proc = invoke("evaluate", "--models", str(tmp_path / "models"), cwd=unchanged)
     assert_one_line_error(
         proc, f"Error: {bomb}: array 'W1' declares shape (25, 65) of float64", status=1
     )
@@ -217,7 +208,47 @@ def test_honest_archives_still_load(unchanged: Path, tmp_path: Path):
     for save in (np.savez, np.savez_compressed):
         path = tmp_path / f"{save.__name__}.npz"
         save(path, **arrays)
-        proc = invoke(
-            "prepare", "--data", str(path), "--out-dir", str(tmp_path / "p"), cwd=unchanged
-        )
+        with changed_params(unchanged, {"data.path": str(path)}):
+            proc = invoke("prepare", "--out", str(tmp_path / "p"), cwd=unchanged)
         assert proc.returncode == 0, proc.stderr
+
+
+# --- .mat bombs -------------------------------------------------------------------------------
+
+MAT_EXAMPLES = 200_000  # X (200,000, 400) float64: 640 MB from 0.6 MB compressed
+
+
+def test_a_mat_whose_labels_do_not_fit_its_images_is_refused_on_its_headers(
+    unchanged: Path, tmp_path: Path
+):
+    bomb = mat_bomb(tmp_path / "bomb.mat", MAT_EXAMPLES, labels=5000)
+    assert bomb.stat().st_size < 1_000_000
+    with changed_params(unchanged, {"data.path": str(bomb)}):
+        proc, seconds, rss = _run_measured(stage_cmd("prepare"), unchanged)
+    assert_one_line_error(proc, f"Error: {bomb}: y has 5000 labels for 200000 examples", status=1)
+    assert seconds < FAST, f"took {seconds:.1f} s"
+    assert rss < SMALL, f"peak memory {rss / 2**20:.0f} MiB"
+
+
+def test_a_mat_bomb_beyond_the_memory_is_refused_before_inflating(unchanged: Path, tmp_path: Path):
+    """Consistent headers, so only the size betrays it: 3.2 GB of X from 3 MB, then its float64
+    copy and its z-scored values, against a 2 GiB address space."""
+    bomb = mat_bomb(tmp_path / "bomb.mat", 5 * MAT_EXAMPLES)
+    with changed_params(unchanged, {"data.path": str(bomb)}):
+        proc, seconds, rss = _run_measured(stage_cmd("prepare"), unchanged, 2 * 2**30)
+    need = "needs 9.6 GB of memory to load and z-score (3.2 GB inflated)"
+    line = assert_one_line_error(proc, f"Error: {bomb}: {need}, more than the ", status=1)
+    assert line.endswith(" available; refused before inflating"), line
+    print(f"\n.mat bomb refused in {seconds:.2f} s at {rss / 2**20:.0f} MiB peak")
+    assert seconds < FAST, f"took {seconds:.1f} s"
+    assert rss < SMALL, f"peak memory {rss / 2**20:.0f} MiB"
+
+
+def test_an_honest_mat_bomb_sized_file_loads_where_memory_allows(tmp_path: Path):
+    """The same writer, small: what the bomb tests refuse is its size, not its form."""
+    from nnbp.labdata import load_dataset
+
+    path = mat_bomb(tmp_path / "small.mat", 50, d=4)
+    ds = load_dataset(path, n_train=30)
+    assert ds.X_train.shape == (4, 30) and ds.X_test.shape == (4, 20)
+    assert not ds.X_train.any() and (ds.y_train == 1).all()

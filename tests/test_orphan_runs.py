@@ -2,7 +2,7 @@
 costs one line, not a SQLAlchemy traceback.
 
 The stage scripts run as processes against a real SQLite store; a run is orphaned the way it
-happens (`kill -9`), and closed by the next training run or by `stages/close_orphan_runs.py`,
+happens (`kill -9`), and closed by the next training run or by `nnbp-close-orphans`,
 while a run whose process still trains is left alone. (A tracking server dying mid-run is in
 test_tracking_server.py.)
 """
@@ -17,24 +17,26 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import BIN
 from tests.errors_helpers import (
-    TRAIN_ARGS,
     error_lines,
     init_mlflow_store,
-    make_workspace,
     run_stage,
     sqlite_runs,
     stage_cmd,
     stage_env,
-    with_option,
+    write_params,
 )
+
+# A configuration that trains until stopped, logging every 1,000 iterations.
+LONG = {"hidden": [25], "iters": 1_000_000, "log_every": 1000}
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("workspace")
-    make_workspace(root)
-    return root
+def workspace(workspace: Path) -> Path:
+    """The module's workspace, with the configuration ``long`` besides h25."""
+    write_params(workspace, {"configs.long": LONG})
+    return workspace
 
 
 @pytest.fixture
@@ -45,11 +47,9 @@ def store(tmp_path: Path) -> tuple[Path, str]:
 
 
 def _long_training(workspace: Path, uri: str, out: Path) -> subprocess.Popen:
-    """A training process that runs until stopped, logging every 1,000 iterations."""
-    args = with_option(with_option(TRAIN_ARGS, "--iters", "1000000"), "--log-every", "1000")
-    args = with_option(with_option(args, "--model", f"{out}.npz"), "--history", f"{out}.json")
+    """A training process of ``long``, writing into ``out`` if it ever ends."""
     return subprocess.Popen(
-        stage_cmd("train", *args),
+        stage_cmd("train", "long", "--models", str(out), "--histories", str(out)),
         cwd=workspace,
         env=stage_env(uri),
         stdout=subprocess.PIPE,
@@ -68,6 +68,18 @@ def _running_with_metrics(db: Path, known: set[str], proc: subprocess.Popen) -> 
                 return run_id
         time.sleep(0.2)
     raise AssertionError("training did not start in time")
+
+
+def _close_orphans(workspace: Path, uri: str) -> subprocess.CompletedProcess:
+    """The console script, as a user runs it."""
+    return subprocess.run(
+        [str(BIN / "nnbp-close-orphans")],
+        cwd=workspace,
+        env=stage_env(uri),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def _statuses(db: Path) -> dict[str, str]:
@@ -108,10 +120,10 @@ def test_a_run_killed_with_sigkill_is_closed_by_the_next_run_not_a_live_one(
     _kill_9(dead)
     assert _statuses(db) == {dead_run: "RUNNING", live_run: "RUNNING"}
 
-    proc = run_stage("train", *TRAIN_ARGS, cwd=workspace, tracking_uri=uri)
+    proc = run_stage("train", "h25", cwd=workspace, tracking_uri=uri)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
-    note = f"note: closed MLflow run h25 ({dead_run[:8]}) as FAILED: its process {dead.pid} on "
+    note = f"note: closed MLflow run 'long' ({dead_run[:8]}) as FAILED: its process {dead.pid} on "
     assert note in proc.stdout, proc.stdout
     statuses = _statuses(db)
     assert statuses.pop(dead_run) == "FAILED"
@@ -124,7 +136,7 @@ def test_a_run_killed_with_sigkill_is_closed_by_the_next_run_not_a_live_one(
     assert _statuses(db)[live_run] == "KILLED"
 
 
-def test_close_orphan_runs_closes_a_killed_run_and_says_so(
+def test_nnbp_close_orphans_closes_a_killed_run_and_says_so(
     workspace: Path, tmp_path: Path, store, trainings
 ):
     db, uri = store
@@ -132,14 +144,14 @@ def test_close_orphan_runs_closes_a_killed_run_and_says_so(
     trainings.append(dead)
     dead_run = _running_with_metrics(db, set(), dead)
     _kill_9(dead)
-    proc = run_stage("close_orphan_runs", cwd=workspace, tracking_uri=uri)
+    proc = _close_orphans(workspace, uri)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [
-        f"note: closed MLflow run h25 ({dead_run[:8]}) as FAILED: its process {dead.pid} on "
+        f"note: closed MLflow run 'long' ({dead_run[:8]}) as FAILED: its process {dead.pid} on "
         f"{_tags(db, dead_run)['nnbp.host']} is gone"
     ]
     assert _statuses(db) == {dead_run: "FAILED"}
-    again = run_stage("close_orphan_runs", cwd=workspace, tracking_uri=uri)
+    again = _close_orphans(workspace, uri)
     assert again.stdout == f"{uri}: no orphaned run\n"
 
 

@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 from scipy.ndimage import zoom
 
+from nnbp.artifacts import Prepared, TrainedModel
 from nnbp.backprop import predict
-from nnbp.data import file_md5, read_model, read_prepared
-from nnbp.tracking import EXPERIMENT, WEIGHTS_MD5_TAG
+from nnbp.files import file_md5
+from nnbp.tracking.store import EXPERIMENT, WEIGHTS_MD5_TAG
 from tests.conftest import BIN, ROOT, clean_env, copy_repo, dvc, git, run
 
 ITERS, LOG_EVERY = 40, 20
@@ -155,7 +156,7 @@ def test_each_run_logs_its_model_and_its_datasets(repo: Path) -> None:
         assert stored.is_relative_to(repo / "mlartifacts")
         files = {p.relative_to(stored).as_posix() for p in stored.rglob("*") if p.is_file()}
         # models from code: the model file, the network's code and the weights; no pickle
-        assert {"MLmodel", "mlflow_model.py", "code/nnbp_backprop.py"} <= files
+        assert {"MLmodel", "mlflow_model.py", "code/nnbp_model/artifacts.py"} <= files
         assert f"artifacts/{name}.npz" in files
         assert not [f for f in files if f.endswith((".pkl", ".pickle", ".cloudpickle"))]
         assert (stored / "artifacts" / f"{name}.npz").read_bytes() == (
@@ -182,10 +183,10 @@ def test_registration_is_opt_in_and_makes_the_best_configuration_the_champion(
         model = mlflow.pyfunc.load_model("models:/tp5-digits@champion")
     finally:
         mlflow.set_tracking_uri(previous)
-    weights, _ = read_model(repo / "models" / f"{best}.npz")
-    _, test = read_prepared(repo / "data" / "prepared")
-    digits = (predict(weights, test["X"]) + 1) % 10
-    np.testing.assert_array_equal(model.predict(test["X"].T), digits)
+    weights = list(TrainedModel.load(repo / "models" / f"{best}.npz").weights)
+    X = Prepared.load(repo / "data" / "prepared").X_test
+    digits = (predict(weights, X) + 1) % 10
+    np.testing.assert_array_equal(model.predict(X.T), digits)
     # The same weights again: the champion stays the same version.
     assert "is already tp5-digits version" in _dvc(
         repo, "repro", "--force", "--single-item", "register"

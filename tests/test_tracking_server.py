@@ -32,12 +32,14 @@ from typing import Any
 import mlflow
 import numpy as np
 import pytest
-import yaml
 
+from nnbp.artifacts import Prepared, TrainedModel
 from nnbp.backprop import predict
-from nnbp.data import file_md5, read_model, read_prepared
-from nnbp.tracking import EXPERIMENT
-from tests.conftest import BIN, ROOT, clean_env, copy_repo, dvc, train_args
+from nnbp.config import read_yaml
+from nnbp.files import file_md5
+from nnbp.tracking.store import EXPERIMENT
+from tests.conftest import BIN, ROOT, clean_env, copy_repo, dvc
+from tests.errors_helpers import write_params
 
 HEALTH_TIMEOUT = 240  # seconds: the first start migrates the store (~30 s on PostgreSQL)
 PG_DEFAULT_BIN = Path("/usr/lib/postgresql/15/bin")  # Debian's postgresql-15
@@ -392,7 +394,7 @@ def test_server_refuses_requests_without_valid_credentials_or_from_other_hosts(m
 def test_pipeline_logs_every_configuration_to_the_team_server(mlflow_server, tmp_path, monkeypatch):
     server = mlflow_server
     repo = copy_repo(tmp_path / "repo", iters=ITERS, log_every=LOG_EVERY)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params = read_yaml(repo / "params.yaml")
     configs = params["configs"]
     user, password = _member(server, "alice")
 
@@ -496,10 +498,10 @@ def test_pipeline_logs_every_configuration_to_the_team_server(mlflow_server, tmp
             loaded = mlflow.pyfunc.load_model(f"models:/{output['model_id']}")
         finally:
             mlflow.set_tracking_uri(previous)
-        weights, _ = read_model(repo / "models" / f"{name}.npz")
-        _, test = read_prepared(repo / "data" / "prepared")
-        digits = (predict(weights, test["X"]) + 1) % 10
-        np.testing.assert_array_equal(loaded.predict(test["X"].T), digits)
+        model = TrainedModel.load(repo / "models" / f"{name}.npz")
+        data = Prepared.load(repo / "data" / "prepared")
+        digits = (predict(list(model.weights), data.X_test) + 1) % 10
+        np.testing.assert_array_equal(loaded.predict(data.X_test.T), digits)
 
     print(
         f"\n[{server.backend}] server ready in {server.startup_seconds:.1f} s, "
@@ -561,17 +563,18 @@ def prepared_repo(tmp_path_factory) -> Path:
     return repo
 
 
+def _train_command(repo: Path, out: str, iters: int, log_every: int = LOG_EVERY) -> list[str]:
+    """`python stages/train.py h25` as dvc.yaml runs it, writing into ``out``, with ``iters``
+    (and ``log_every``) in the copy's params.yaml."""
+    write_params(repo, {"iters": iters, "log_every": min(iters, log_every)})
+    return [sys.executable, "stages/train.py", "h25", "--models", out, "--histories", out]
+
+
 def _train(
     repo: Path, out: str, iters: int, **env: str
 ) -> tuple[subprocess.CompletedProcess[str], float]:
-    """`python stages/train.py` for h25 as dvc.yaml runs it, writing into ``out``."""
-    options = train_args(
-        iters=iters,
-        log_every=min(iters, LOG_EVERY),
-        model=f"{out}/h25.npz",
-        history=f"{out}/h25.json",
-    )
-    cmd = [sys.executable, "stages/train.py", *options]
+    """``_train_command``, run to its end: (its result, its wall seconds)."""
+    cmd = _train_command(repo, out, iters)
     started = time.monotonic()
     result = subprocess.run(
         cmd, cwd=repo, env=clean_env(**env), capture_output=True, text=True, timeout=300
@@ -694,11 +697,8 @@ def test_a_run_left_running_by_a_dead_server_is_closed_by_the_next_run(prepared_
     port = _free_port()
     server_proc, server = start_server(folder, f"sqlite:///{db}", port)
     env = clean_env(MLFLOW_TRACKING_URI=server.url, NNBP_TRACKING="on")
-    options = train_args(
-        iters=LONG, log_every=1000, model="out-dead/h25.npz", history="out-dead/h25.json"
-    )
     training = subprocess.Popen(
-        [sys.executable, "stages/train.py", *options],
+        _train_command(prepared_repo, "out-dead", LONG, log_every=1000),
         cwd=prepared_repo,
         env=env,
         stdout=subprocess.PIPE,
@@ -733,7 +733,7 @@ def test_a_run_left_running_by_a_dead_server_is_closed_by_the_next_run(prepared_
     finally:
         _stop(server_proc)
     assert result.returncode == 0, result.stderr
-    assert "note: closed MLflow run h25 " in result.stdout  # its name adds how it was run
+    assert "note: closed MLflow run 'h25 " in result.stdout  # its name adds how it was run
     assert f"({orphan[:8]}) as FAILED" in result.stdout
     assert runs.pop(orphan)[0] == "FAILED"
     assert [status for status, _ in runs.values()] == ["FINISHED"]

@@ -21,7 +21,7 @@ import numpy as np
 from .archive import read_npz
 from .backprop import LogPoint
 from .errors import DataError, first_line
-from .files import atomic_paths, save_npz, write_json
+from .files import atomic_paths, read_text, save_npz, write_json
 
 MODEL_KEYS = ("sizes", "lamb", "tau", "iters", "gradient", "threads")  # besides W1..WL
 HISTORY_KEYS = ("step", "loss", "train_acc", "test_acc")
@@ -159,12 +159,10 @@ class History:
 
     @classmethod
     def load(cls, path: str | Path) -> History:
-        path = Path(path)
+        text = read_text(path, DataError)
         try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise DataError(f"{path}: no such file") from None
-        except (OSError, ValueError) as e:
+            rows = json.loads(text)
+        except ValueError as e:
             raise DataError(f"{path}: not a readable history ({first_line(e)})") from None
         if not isinstance(rows, list) or not all(
             isinstance(r, dict) and set(HISTORY_KEYS) <= set(r) for r in rows
@@ -217,11 +215,5 @@ def parse_metrics(text: str, where: str) -> Metrics:
 
 
 def load_metrics(path: str | Path) -> Metrics:
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such metrics file (run the pipeline first)") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot be read ({getattr(e, 'strerror', None) or e})") from None
+    text = read_text(path, DataError, "no such metrics file (run the pipeline first)")
     return parse_metrics(text, str(path))

@@ -129,6 +129,13 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def path_option(name: str, default: str, *, folder: bool = False, dest: str | None = None) -> Any:
+    """An option naming an input or output of a command, its default the path dvc.yaml gives."""
+    kind = click.Path(file_okay=not folder, dir_okay=folder)
+    decls = (name, dest) if dest else (name,)
+    return click.option(*decls, type=kind, default=default, show_default=True)
+
+
 class Progress:
     """A progress bar of a training (iteration, loss, accuracy) on a terminal; in a log (CI,
     ``dvc exp run --queue``) it stays out of the way."""

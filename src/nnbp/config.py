@@ -22,7 +22,10 @@ from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, ValidationError
 
+from .backprop import DTYPES, GRADIENT_RULES, ZSCORE_MODES
+from .datasets import SIZE, SOURCES
 from .errors import UserError
+from .files import read_text
 
 PARAMS_FILE = Path("params.yaml")
 DVC_FILE = Path("dvc.yaml")
@@ -42,12 +45,7 @@ def read_yaml(path: str | Path) -> Any:
     from ruamel.yaml import YAML, YAMLError
 
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: cannot be read ({getattr(e, 'strerror', None) or e})") from None
+    text = read_text(path, ConfigError)
     try:
         return YAML(typ="safe").load(text)
     except YAMLError as e:
@@ -174,21 +172,32 @@ class EmbeddedData(_Section):
     """The ``data`` stage: which embedded data set, and how it is split."""
 
     prefix: ClassVar[str] = "data"
-    source: Literal["mnist", "digits"]
+    source: Literal[SOURCES]
     n_train: Whole
     split_seed: Seed
+
+    @classmethod
+    def read(cls, params: Params) -> Self:
+        data = super().read(params)
+        size = SIZE[data.source]
+        if data.n_train >= size:
+            raise ConfigError(
+                f"{params.source}: data.n_train = {data.n_train}: leaves no test example: "
+                f"{data.source} has {size} images; allowed: 1..{size - 1}"
+            )
+        return data
 
 
 class Data(_Section):
     """The data trained on and how it is prepared (``prepare``, ``render``)."""
 
     prefix: ClassVar[str] = "data"
-    source: Literal["mnist", "digits"]
+    source: Literal[SOURCES]
     path: Text
     classes: Annotated[int, Strict(), Field(ge=2)]
     n_train: Whole
     split_seed: Seed
-    zscore: Literal["per_example", "per_feature"]
+    zscore: Literal[ZSCORE_MODES]
     image_shape: Annotated[str, Strict(), AfterValidator(_image_shape)]
 
     @property
@@ -245,8 +254,8 @@ class Training(BaseModel):
     lamb: NonNegative
     iters: Whole
     seed: Seed
-    gradient: Literal["lab", "exact"]
-    dtype: Literal["float64", "float32"]
+    gradient: Literal[GRADIENT_RULES]
+    dtype: Literal[DTYPES]
     log_every: Whole
     threads: Whole
 
@@ -294,13 +303,7 @@ class Training(BaseModel):
                 values[key], labels[key] = params.get(key), key
         for key, value in pins.items():
             values[key], labels[key] = value, f"{where}.{key}"
-        training = _validated(cls, values, labels, src)
-        if training.log_every > training.iters:
-            raise ConfigError(
-                f"{src}: {labels['log_every']} = {training.log_every}: must be at most iters "
-                f"({training.iters})"
-            )
-        return training
+        return _validated(cls, values, labels, src)
 
 
 def config_name_problem(name: object) -> str | None:

@@ -58,7 +58,7 @@ def lab_layout(
     ``X_train`` (h*w, n_train) and ``X_test`` (h*w, N - n_train) hold each image flattened
     column-major (the lab's ``display_data`` reshapes a column to (w, h) and transposes it);
     ``y_train`` (n_train, 1) and ``y_test`` hold labels 1..10, 10 for the digit 0. The split is
-    a seeded shuffle (``data.split``).
+    a seeded shuffle (``labdata.split``).
     """
     n = images.shape[0]
     X = images.transpose(0, 2, 1).reshape(n, -1).T  # row i of image^T is column i of the image

@@ -1,5 +1,5 @@
 """Writing files so that every output appears whole or not at all, with the same bytes for the
-same content; and the MD5 that DVC records of a file.
+same content; reading a text file with a one-line error; and the MD5 that DVC records of a file.
 
 Each writer fills a temporary file beside the target and renames it into place, so an error,
 Ctrl-C or a full disk leaves the previous output as it was. ``atomic_paths`` does the same for
@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .errors import UserError
 
 _EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest date a zip entry can hold
 _ZIP64_FROM = 2**31  # bytes; well below the 4 GiB limit of plain zip headers, .npy header included
@@ -118,6 +120,17 @@ def save_npz(path: str | Path, **arrays: Any) -> None:
             # (3.11.2 and 3.11.7 give different bytes), plain headers are the same everywhere.
             with archive.open(info, "w", force_zip64=array.nbytes > _ZIP64_FROM) as f:
                 np.lib.format.write_array(f, array, allow_pickle=False)
+
+
+def read_text(path: str | Path, error: type[UserError], missing: str = "no such file") -> str:
+    """The text of ``path``; ``error`` (one line naming the file) if it cannot be read."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(f"{path}: {missing}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise error(f"{path}: cannot be read ({getattr(e, 'strerror', None) or e})") from None
 
 
 def write_text(path: str | Path, text: str) -> None:

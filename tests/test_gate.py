@@ -1,28 +1,21 @@
-"""The metrics gate (stages/check_metrics.py): tolerances, missing configurations, its errors,
-and, end to end, that a run degraded on purpose fails it while an unchanged run passes."""
+"""The metrics gate (`nnbp-gate`, ``nnbp.gate``): tolerances, missing configurations, its
+errors, and, end to end, that a run degraded on purpose fails it while an unchanged run passes."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
+import re
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-import yaml
 from click.testing import CliRunner
 
+from nnbp.config import read_yaml
+from nnbp.tools import gate as gate_command
 from tests.conftest import BIN, ROOT, clean_env, dvc, git, set_params
-from tests.errors_helpers import stage_processes
-
-SCRIPT = ROOT / "stages" / "check_metrics.py"
-_spec = importlib.util.spec_from_file_location("check_metrics", SCRIPT)
-check_metrics = importlib.util.module_from_spec(_spec)
-sys.modules["check_metrics"] = check_metrics  # dataclasses look their module up there
-_spec.loader.exec_module(check_metrics)
+from tests.errors_helpers import stage_env, wait_for_training
 
 BASE = {
     "h25": {"train_acc": 100.0, "test_acc": 97.867, "loss": 0.05},
@@ -42,13 +35,13 @@ def _changed(config: str, metric: str, value: float) -> dict:
 def gate(tmp_path, monkeypatch):
     """Run the gate on ``new`` against ``baseline`` (files), tolerances from a params.yaml."""
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"iters": 10, "gate": GATE}))
+    (tmp_path / "params.yaml").write_text(json.dumps({"iters": 10, "gate": GATE}))
 
     def run(new, baseline=BASE, *options):
         Path("new.json").write_text(json.dumps(new))
         Path("base.json").write_text(json.dumps(baseline))
         args = ["--metrics", "new.json", "--baseline", "base.json", *options]
-        return CliRunner().invoke(check_metrics.main, args)
+        return CliRunner().invoke(gate_command, args)
 
     return run
 
@@ -148,22 +141,33 @@ def test_options_override_params(gate):
 
 
 def test_tolerances_come_from_params(gate):
-    Path("params.yaml").write_text(yaml.safe_dump({"gate": {**GATE, "max_test_acc_drop": 2}}))
+    Path("params.yaml").write_text(json.dumps({"gate": {**GATE, "max_test_acc_drop": 2}}))
     assert gate(_changed("h25", "test_acc", 97.867 - 1)).exit_code == 0
-    Path("params.yaml").write_text(yaml.safe_dump({"gate": {**GATE, "max_test_acc_drop": 0}}))
+    Path("params.yaml").write_text(json.dumps({"gate": {**GATE, "max_test_acc_drop": 0}}))
     assert gate(_changed("h25", "test_acc", 97.867 - 0.01)).exit_code == 1
 
 
-def test_repository_params_define_the_documented_tolerances():
-    gate = yaml.safe_load((ROOT / "params.yaml").read_text())["gate"]
-    assert gate == {"max_test_acc_drop": 0.5, "max_train_acc_drop": 1.0, "max_loss_rise": 2.0}
+def test_the_readme_states_the_tolerances_of_params_yaml():
+    gate = read_yaml(ROOT / "params.yaml")["gate"]
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    stated = re.search(
+        r"test accuracy may fall ([\d.]+) points, training accuracy ([\d.]+) points?, the loss "
+        r"may rise ([\d.]+) ?%",
+        readme,
+    )
+    assert stated, "the README's gate section no longer states the tolerances"
+    assert [float(x) for x in stated.groups()] == [
+        gate["max_test_acc_drop"],
+        gate["max_train_acc_drop"],
+        gate["max_loss_rise"],
+    ]
 
 
 def test_missing_gate_section_is_a_one_line_error(gate):
-    Path("params.yaml").write_text(yaml.safe_dump({"iters": 10}))
+    Path("params.yaml").write_text(json.dumps({"iters": 10}))
     result = gate(BASE)
-    assert result.exit_code == 1
-    assert "gate.max_test_acc_drop is missing" in result.output
+    assert result.exit_code == 2
+    assert "Error: params.yaml: gate.max_test_acc_drop is missing" in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
 
 
@@ -174,7 +178,7 @@ def test_missing_gate_section_is_a_one_line_error(gate):
 def metrics_repo(tmp_path, monkeypatch):
     """A git repository: `main` holds BASE, a branch commits a worse h25 test accuracy."""
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"gate": GATE}))
+    (tmp_path / "params.yaml").write_text(json.dumps({"gate": GATE}))
     (tmp_path / "reports").mkdir()
     metrics = tmp_path / "reports" / "metrics.json"
     metrics.write_text(json.dumps(BASE))
@@ -188,13 +192,13 @@ def metrics_repo(tmp_path, monkeypatch):
 
 
 def test_default_baseline_is_head(metrics_repo):
-    result = CliRunner().invoke(check_metrics.main, [])
+    result = CliRunner().invoke(gate_command, [])
     assert result.exit_code == 0, result.output
     assert "against HEAD" in result.stdout
 
 
 def test_baseline_ref_main_catches_the_branch_regression(metrics_repo):
-    result = CliRunner().invoke(check_metrics.main, ["--baseline-ref", "main"])
+    result = CliRunner().invoke(gate_command, ["--baseline-ref", "main"])
     assert result.exit_code == 1, result.output
     assert result.stderr.startswith("regressed: h25 test_acc 97.87 -> 90.10")
 
@@ -202,7 +206,7 @@ def test_baseline_ref_main_catches_the_branch_regression(metrics_repo):
 def test_baseline_ref_works_from_a_subfolder(metrics_repo, monkeypatch):
     monkeypatch.chdir(metrics_repo / "reports")
     args = ["--metrics", "metrics.json", "--params", "../params.yaml", "--baseline-ref", "main"]
-    result = CliRunner().invoke(check_metrics.main, args)
+    result = CliRunner().invoke(gate_command, args)
     assert result.exit_code == 1, result.output
     assert result.stderr.startswith("regressed: h25 test_acc 97.87 -> 90.10")
 
@@ -212,7 +216,7 @@ def test_baseline_ref_works_from_a_subfolder(metrics_repo, monkeypatch):
 
 def _script(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
+        [str(BIN / "nnbp-gate"), *args],
         cwd=cwd,
         env=clean_env(),
         capture_output=True,
@@ -257,7 +261,9 @@ def test_unusable_files_give_one_line_and_exit_nonzero(metrics_repo, setup, args
 @pytest.mark.slow
 def test_degraded_run_fails_the_gate_and_an_unchanged_run_passes(repo_copy):
     repo = repo_copy()
-    baseline_iters = yaml.safe_load(git(repo, "show", "HEAD:params.yaml"))["iters"]
+    committed = repo.parent / "committed.yaml"
+    committed.write_text(git(repo, "show", "HEAD:params.yaml"))
+    baseline_iters = read_yaml(committed)["iters"]
     assert baseline_iters > 5, "the committed baseline must come from a longer run"
     env = clean_env()  # NNBP_TRACKING=off: this test is about the metrics, not MLflow
 
@@ -310,20 +316,18 @@ def test_a_lock_corrupted_by_two_dvc_commands_fails_the_gate(repo_copy):
     assert "dvc.lock: its params are the hyperparameters models/ records" in result.stdout
 
     set_params(repo, iters=100_000, log_every=1000)
+    # Tracked, so that the test knows when training has begun: the stage has read params.yaml.
+    db = repo.parent / "mlflow.db"
     with subprocess.Popen(
         [str(BIN / "dvc"), "repro", "train@h25"],
         cwd=repo,
-        env=env,
+        env=stage_env(f"sqlite:///{db}"),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     ) as repro:
         try:
-            deadline = time.monotonic() + 120
-            while not stage_processes(repo):
-                assert repro.poll() is None, repro.communicate()
-                assert time.monotonic() < deadline, "the stage did not start"
-                time.sleep(0.1)
+            wait_for_training(db, repro)
             second = subprocess.run(
                 [str(BIN / "dvc"), "exp", "run", "-S", "iters=10"],
                 cwd=repo,
