@@ -1,19 +1,27 @@
-"""BLAS threads and OpenBLAS kernels for training: 1 vs 2 (vs all) threads, quiet and beside a
-sibling, on the default 400-100-10 problem and the 64-feature one.
+"""Threads and blocks: ms per iteration of the default 400-100-10 fit (the lab's rule, 1,000 real
+MNIST digits), quiet and beside a sibling process that trains too, against two OpenBLAS threads
+and against the lab's own loop as a user runs it.
 
 Run from the repository root::
 
-    python benchmarks/bench_threads.py                 # --iters 100 --rounds 5
-    python benchmarks/bench_threads.py --no-coretype   # skip the kernel comparison
+    python benchmarks/bench_threads.py              # --iters 50 --repeats 12
+    python benchmarks/bench_threads.py --kernels    # also: the cost of the pinned kernels
 
-Each measurement is a worker process that times ``nnbp.backprop.fit`` (the lab's rule, float64,
-1,000 examples of the real embedded digits, z-scored) for every thread count in turn, interleaved
-within the process, so the ratio between thread counts is paired. The kernel comparison runs the
-same worker with ``OPENBLAS_CORETYPE`` unset (OpenBLAS picks the CPU's own kernels) and set to
-``Haswell`` (AVX2, which every x86-64 CPU from 2013 on runs), alternating from round to round.
-"Sibling" is a second process training the same network on one thread for the whole measurement:
-what a parallel queue worker, a CI neighbour or a busy laptop does to the cores. Medians of
-milliseconds per iteration are printed, then paired ratios. The exit status is always 0.
+Every contender runs in one worker process, interleaved repeat by repeat (paired: a slow spell
+of the shared machine hits them alike), with the kernels the pipeline runs (nnbp pins OpenBLAS's
+Haswell kernels and NumPy's AVX2 loops on x86-64 before NumPy loads):
+
+- ``threads 1``, ``threads 2``, ``threads auto``: ``nnbp.training``'s fit, 4 blocks on a pool of
+  that many threads, one BLAS thread each (the bits are the same for all three);
+- ``openblas 1``, ``openblas 2``: the same fit in one block, OpenBLAS on 1 or 2 threads (what
+  ``threads: 1`` and ``-S threads=2`` were before the blocks);
+- ``lab loop``: ``nnbp.lab.lab_train``, the lab's loop, at NumPy's default BLAS threads.
+
+"Sibling" is a second process that trains the same network at nnbp's defaults for the whole
+measurement, as a second queue worker or a CI neighbour does. Medians and paired ratios are
+printed, with the issue's targets; whether the machine was quiet beforehand (load average) is
+printed first. With ``--kernels`` the ``threads auto`` and ``openblas 1`` timings are repeated in
+a worker with the CPU's own kernels, paired worker by worker. The exit status is always 0.
 """
 
 from __future__ import annotations
@@ -28,119 +36,153 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+CONTENDERS = ("threads 1", "threads 2", "threads auto", "openblas 1", "openblas 2", "lab loop")
+NATIVE = {"OPENBLAS_CORETYPE": "", "NPY_DISABLE_CPU_FEATURES": ""}  # set, empty: not pinned
+TARGETS = {  # condition -> (label, slower, faster, at least): speed ratio = time ratio inverted
+    "quiet": [
+        ("auto speed / 2 OpenBLAS threads' (>= 0.95)", "openblas 2", "threads auto", 0.95),
+        ("auto speed / lab loop's (>= 1.4)", "lab loop", "threads auto", 1.4),
+    ],
+    "sibling": [
+        ("auto speed / threads 1's (>= 1/1.1)", "threads 1", "threads auto", 1 / 1.1),
+        ("auto speed / lab loop's (>= 2)", "lab loop", "threads auto", 2.0),
+    ],
+}
 
 
-def _problem(source: str):
+def _problem():
     import numpy as np
 
     from nnbp import datasets
     from nnbp.backprop import init_weights, one_hot, zscore
 
-    d = datasets.load(source, 1000, 0)
+    d = datasets.load("mnist", 1000, 0)
     X = zscore(d["X_train"])
     Y = one_hot(d["y_train"].ravel() - 1, 10)
     return X, Y, init_weights([X.shape[0], 100, 10], np.random.default_rng(0))
 
 
-def worker(source: str, threads: list[int], iters: int, repeats: int) -> None:
-    """Print {threads: [seconds per run]} as JSON, thread counts interleaved."""
-    from threadpoolctl import threadpool_info, threadpool_limits
-
-    from nnbp.backprop import fit
-
-    X, Y, W = _problem(source)
-    times: dict[int, list[float]] = {t: [] for t in threads}
-    for r in range(repeats + 1):
-        for t in threads[r % len(threads) :] + threads[: r % len(threads)]:
-            with threadpool_limits(t, user_api="blas"):
-                start = time.perf_counter()
-                fit(X, Y, W, tau=0.2, iters=iters)
-                if r:  # the first round warms up
-                    times[t].append(time.perf_counter() - start)
-    core = next((i.get("architecture") for i in threadpool_info() if i["user_api"] == "blas"), "?")
-    print(json.dumps({"core": core, "times": times}))
-
-
-def sibling(source: str) -> None:
+def _contenders(X, Y, W, iters: int):
     from threadpoolctl import threadpool_limits
 
     from nnbp.backprop import fit
+    from nnbp.lab import lab_train
+    from nnbp.parallel import Pool, thread_count
 
-    X, Y, W = _problem(source)
-    with threadpool_limits(1, user_api="blas"):
+    def ours(threads: int | str):
+        with Pool(thread_count(threads, 4)) as pool:
+            fit(X, Y, W, tau=0.2, iters=iters, blocks=4, map_blocks=pool.map)
+
+    def openblas(threads: int):
+        with threadpool_limits(threads, user_api="blas"):
+            fit(X, Y, W, tau=0.2, iters=iters)
+
+    return {
+        "threads 1": lambda: ours(1),
+        "threads 2": lambda: ours(2),
+        "threads auto": lambda: ours("auto"),
+        "openblas 1": lambda: openblas(1),
+        "openblas 2": lambda: openblas(2),
+        "lab loop": lambda: lab_train(X, Y, W[0].copy(), W[1].copy(), iters=iters),
+    }
+
+
+def worker(names: list[str], iters: int, repeats: int) -> None:
+    """Print {"kernels": ..., "times": {name: [seconds per run]}} as JSON, interleaved."""
+    from threadpoolctl import threadpool_info
+
+    import nnbp  # noqa: F401  (first: it pins the kernels before NumPy loads)
+
+    X, Y, W = _problem()
+    runs = _contenders(X, Y, W, iters)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats + 1):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            start = time.perf_counter()
+            runs[name]()
+            if r:  # the first round warms up
+                times[name].append(time.perf_counter() - start)
+    blas = next((i for i in threadpool_info() if i["user_api"] == "blas"), {})
+    print(json.dumps({"kernels": blas.get("architecture", "?"), "times": times}))
+
+
+def sibling() -> None:
+    import nnbp  # noqa: F401
+    from nnbp.backprop import fit
+    from nnbp.parallel import Pool, thread_count
+
+    X, Y, W = _problem()
+    with Pool(thread_count("auto", 4)) as pool:
         while True:
-            fit(X, Y, W, tau=0.2, iters=50)
+            fit(X, Y, W, tau=0.2, iters=50, blocks=4, map_blocks=pool.map)
 
 
-def _run_worker(source: str, threads: list[int], iters: int, repeats: int, coretype: str | None):
-    unset = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")  # both together (see the README)
-    env = {k: v for k, v in os.environ.items() if k not in unset}
-    if coretype:
-        env["OPENBLAS_CORETYPE"] = coretype
-    cmd = [sys.executable, __file__, "--worker", source, "--iters", str(iters)]
-    cmd += ["--repeats", str(repeats), "--threads", ",".join(map(str, threads))]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, cwd=ROOT)
+def _run_worker(names: list[str], iters: int, repeats: int, env: dict[str, str]) -> dict:
+    cmd = [sys.executable, __file__, "--worker", ",".join(names), "--iters", str(iters)]
+    cmd += ["--repeats", str(repeats)]
+    out = subprocess.run(
+        cmd, env={**os.environ, **env}, capture_output=True, text=True, check=True, cwd=ROOT
+    )
     return json.loads(out.stdout)
+
+
+def _ms(ts: list[float], iters: int) -> float:
+    return 1e3 * statistics.median(ts) / iters
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--iters", type=int, default=100, help="iterations per timed run")
-    parser.add_argument("--rounds", type=int, default=5, help="worker processes per setting")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per worker")
-    parser.add_argument("--no-coretype", action="store_true", help="skip the kernel comparison")
+    parser.add_argument("--iters", type=int, default=50, help="iterations per timed run")
+    parser.add_argument("--repeats", type=int, default=12, help="timed runs per contender")
+    parser.add_argument("--kernels", action="store_true", help="also time the CPU's own kernels")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--sibling", help=argparse.SUPPRESS)
-    parser.add_argument("--threads", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--sibling", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        threads = [int(t) for t in args.threads.split(",")]
-        return worker(args.worker, threads, args.iters, args.repeats)
+        return worker(args.worker.split(","), args.iters, args.repeats)
     if args.sibling:
-        return sibling(args.sibling)
+        return sibling()
 
+    load = os.getloadavg()
     cores = len(os.sched_getaffinity(0))
-    threads = sorted({1, 2, cores})
-    coretypes = [None] if args.no_coretype else [None, "Haswell"]
-    print(f"{cores} cores; thread counts {threads}; {args.iters} iterations per run")
-    for source in ("mnist", "digits"):
-        for condition in ("quiet", "sibling"):
-            proc = None
-            if condition == "sibling":
-                proc = subprocess.Popen([sys.executable, __file__, "--sibling", source], cwd=ROOT)
-                time.sleep(2)  # past its start-up
-            try:
-                runs: dict[str, dict[int, list[float]]] = {}
-                names: dict[str, str] = {}
-                for r in range(args.rounds):
-                    for ct in coretypes[r % len(coretypes) :] + coretypes[: r % len(coretypes)]:
-                        res = _run_worker(source, threads, args.iters, args.repeats, ct)
-                        key = ct or "default"
-                        names[key] = res["core"]
-                        for t, ts in res["times"].items():
-                            runs.setdefault(key, {}).setdefault(int(t), []).extend(ts)
-            finally:
-                if proc is not None:
-                    proc.kill()
-                    proc.wait()
-            label = "400-100-10" if source == "mnist" else "64-100-10"
-            print(f"\n{label}, {condition}:")
-            for key, by_threads in runs.items():
-                cells = []
-                for t in threads:
-                    ms = 1e3 * statistics.median(by_threads[t]) / args.iters
-                    cells.append(f"{t} thread(s) {ms:6.2f} ms/iter")
-                print(f"  kernels {key} ({names[key]}): " + ", ".join(cells))
-                for t in threads[1:]:
-                    pairs = zip(by_threads[t], by_threads[1], strict=True)
-                    ratio = statistics.median(a / b for a, b in pairs)
-                    print(f"    {t} threads / 1 thread: {ratio:.2f}")
-            if "Haswell" in runs:
-                for t in threads:
-                    ratio = statistics.median(runs["Haswell"][t]) / statistics.median(
-                        runs["default"][t]
-                    )
-                    print(f"  Haswell / default kernels, {t} thread(s): {ratio:.2f}")
+    quiet = "quiet" if load[0] < 0.3 else f"NOT quiet (load average {load[0]:.2f})"
+    print(f"{cores} cores; load average {load[0]:.2f} {load[1]:.2f} before starting: {quiet}")
+    print(f"{args.repeats} repeats x {args.iters} iterations per contender, paired\n")
+    for condition in ("quiet", "sibling"):
+        proc = None
+        if condition == "sibling":
+            proc = subprocess.Popen([sys.executable, __file__, "--sibling"], cwd=ROOT)
+            time.sleep(3)  # past its start-up
+        try:
+            res = _run_worker(list(CONTENDERS), args.iters, args.repeats, {})
+            native = None
+            if args.kernels:
+                pair = ["threads auto", "openblas 1"]
+                native = _run_worker(pair, args.iters, args.repeats, NATIVE)
+                pinned = _run_worker(pair, args.iters, args.repeats, {})
+        finally:
+            if proc is not None:
+                proc.kill()
+                proc.wait()
+        times = res["times"]
+        print(f"{condition} (kernels: {res['kernels']}), ms per iteration:")
+        for name in CONTENDERS:
+            print(f"  {name:<14}{_ms(times[name], args.iters):7.2f}")
+        for label, slow, fast, least in TARGETS[condition]:
+            pairs = zip(times[slow], times[fast], strict=True)
+            ratio = statistics.median(a / b for a, b in pairs)
+            verdict = "PASS" if ratio >= least else "FAIL"
+            print(f"  {label:<46}{ratio:6.2f}  {verdict}")
+        if native is not None:
+            for name in ("threads auto", "openblas 1"):
+                ratio = statistics.median(pinned["times"][name]) / statistics.median(
+                    native["times"][name]
+                )
+                print(
+                    f"  {name}: pinned ({pinned['kernels']}) / own kernels ({native['kernels']}):"
+                    f" {ratio:.2f}"
+                )
+        print()
 
 
 if __name__ == "__main__":

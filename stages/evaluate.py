@@ -13,6 +13,7 @@ from nnbp.artifacts import Prepared, load_models
 from nnbp.cli import Stage, path_option, user_errors
 from nnbp.evaluation import evaluate
 from nnbp.files import atomic_paths, write_json, write_text
+from nnbp.parallel import Pool, thread_count
 
 
 @click.command(cls=Stage)
@@ -25,10 +26,12 @@ from nnbp.files import atomic_paths, write_json, write_text
 def main(
     prepared: str, models_dir: str, metrics_path: str, table_path: str, confusion_path: str
 ) -> None:
-    threads = config.Evaluation.read(config.read("evaluate")).threads
+    threads = config.Runtime.read(config.read("evaluate")).threads
     data = Prepared.load(prepared)
     models = load_models(models_dir, features=data.features, classes=data.classes)
-    results = {name: evaluate(model, data, threads) for name, model in models.items()}
+    most = max(model.blocks for model in models.values())
+    with Pool(thread_count(threads, most)) as pool:
+        results = {name: evaluate(model, data, pool.map) for name, model in models.items()}
     metrics = {name: result.metrics for name, result in results.items()}
     for name, m in metrics.items():
         click.echo(

@@ -29,11 +29,12 @@ def main(name: str | None, prepared: str, models: str, histories: str) -> None:
     params = config.read(f"train@{name}")
     training = config.Training.read(params, name)
     data_path = config.DataFile.read(params).path
+    threads = config.Runtime.read(params).threads
     data = Prepared.load(prepared)
     model_path, history_path = Path(models) / f"{name}.npz", Path(histories) / f"{name}.json"
     points = []
     # The run is opened, or the store refused, before any training.
-    with Run.start(name, training_params(training, data_path, data)) as run:
+    with Run.start(name, training_params(training, threads, data_path, data)) as run:
         run.log_datasets(data_path, data)
         with Progress(training.iters, name) as bar:
 
@@ -42,7 +43,7 @@ def main(name: str | None, prepared: str, models: str, histories: str) -> None:
                 run.log_point(point)
                 bar.show(point)
 
-            model = train(training, data, on_point)
+            model = train(training, data, on_point, threads)
         history = History(tuple(points))
         save_trained(model, history, model_path, history_path)
         run.log_results(model, history, model_path, history_path, data)

@@ -1,5 +1,6 @@
 """Tests for nnbp.backprop: gradients, the lab-order rule, fit's contract and the helpers."""
 
+import os
 import warnings
 from itertools import pairwise
 
@@ -11,16 +12,19 @@ from nnbp.backprop import (
     DivergenceError,
     LogPoint,
     accuracy,
+    block_bounds,
     fit,
     forward,
     gradients,
     init_weights,
     loss,
     one_hot,
+    predict,
     sigmoid,
     zscore,
 )
 from nnbp.lab import lab_train
+from nnbp.parallel import Pool, thread_count
 
 
 def _problem(sizes, n, seed=0, dtype="float64"):
@@ -80,11 +84,12 @@ def test_lab_rule_is_the_default_and_exact_is_one_argument_away():
 # --- the two update rules --------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("blocks", [1, 4])
 @pytest.mark.parametrize("lamb", [0.0, 0.005])
-def test_lab_rule_reproduces_lab_loop(lamb):
+def test_lab_rule_reproduces_lab_loop(lamb, blocks):
     X, Y, _, W = _problem([400, 25, 10], n=200, seed=2)
     lab = lab_train(X, Y, W[0].copy(), W[1].copy(), tau=0.2, lamb=lamb, iters=500)
-    ours = fit(X, Y, W, tau=0.2, lamb=lamb, iters=500, gradient="lab")
+    ours = fit(X, Y, W, tau=0.2, lamb=lamb, iters=500, gradient="lab", blocks=blocks)
     assert _max_abs_diff(ours, lab) < 1e-14  # the README's bound (measured: 8e-16 at most)
     # the comparison is not vacuous: the weights did move
     assert _max_abs_diff(lab, W) > 1e-2
@@ -350,3 +355,79 @@ def test_accuracy_percentages():
     assert accuracy(np.array([0, 1, 2, 3]), np.array([0, 1, 0, 3])) == 75.0
     assert accuracy(np.array([1, 1]), np.array([1, 1])) == 100.0
     assert accuracy(np.array([[0], [2]]), np.array([1, 0])) == 0.0
+
+
+# --- blocks and threads ----------------------------------------------------------------------
+
+
+def test_blocks_cover_every_example_once_in_order():
+    assert block_bounds(10, 4) == [(0, 3), (3, 6), (6, 8), (8, 10)]
+    assert block_bounds(3, 4) == [(0, 1), (1, 2), (2, 3)]  # never an empty block
+    assert block_bounds(1000, 1) == [(0, 1000)]
+
+
+def _fit_with(threads, gradient, dtype, blocks=4):
+    X, Y, _, W = _problem([30, 12, 5], n=103, seed=11)  # 103: blocks of unequal sizes
+    X_test, _, y_test, _ = _problem([30, 12, 5], n=41, seed=12)
+    points: list[LogPoint] = []
+    with Pool(thread_count(threads, blocks)) as pool:
+        weights = fit(
+            X,
+            Y,
+            W,
+            tau=0.3,
+            lamb=0.01,
+            iters=60,
+            gradient=gradient,
+            dtype=dtype,
+            log_every=20,
+            X_test=X_test,
+            y_test=y_test,
+            callback=points.append,
+            blocks=blocks,
+            map_blocks=pool.map,
+        )
+    return [w.tobytes() for w in weights], points, W
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("gradient", ["lab", "exact"])
+def test_the_thread_count_changes_no_bit_of_the_weights_or_the_history(gradient, dtype):
+    one, points, W = _fit_with(1, gradient, dtype)
+    for threads in (2, 3, "auto"):
+        assert _fit_with(threads, gradient, dtype)[:2] == (one, points), threads
+    assert [p.iteration for p in points] == [0, 20, 40, 60]
+    assert one != [w.astype(dtype).tobytes() for w in W]  # the weights did move
+
+
+def test_blocked_results_agree_with_one_block_to_rounding():
+    X, Y, _, W = _problem([30, 12, 5], n=103, seed=13)
+    with Pool(2) as pool:
+        kw = {"blocks": 4, "map_blocks": pool.map}
+        assert loss(W, X, Y, 0.01, **kw) == pytest.approx(loss(W, X, Y, 0.01), rel=1e-13)
+        np.testing.assert_array_equal(predict(W, X, **kw), predict(W, X))
+        for g4, g1 in zip(gradients(W, X, Y, 0.01, **kw), gradients(W, X, Y, 0.01), strict=True):
+            np.testing.assert_allclose(g4, g1, rtol=0, atol=1e-14)
+
+
+def test_an_error_in_a_block_reaches_the_caller_and_the_pool_goes_on():
+    ran: list[int] = []
+
+    def block(i: int) -> None:
+        if i == 2:
+            raise ZeroDivisionError("block 2")
+        ran.append(i)
+
+    with Pool(2) as pool:
+        with pytest.raises(ZeroDivisionError, match="block 2"):
+            pool.map(block, 5)
+        ran.clear()
+        pool.map(ran.append, 6)  # the next job runs whole
+    assert sorted(ran) == list(range(6))
+
+
+def test_auto_threads_are_the_cores_this_process_may_use_at_most_the_blocks():
+    cores = len(os.sched_getaffinity(0))
+    assert thread_count("auto", 64) == min(cores, 64)
+    assert thread_count("auto", 1) == 1
+    assert thread_count(3, 2) == 2

@@ -131,7 +131,7 @@ def _evaluate_with(unchanged: Path, models: Path) -> subprocess.CompletedProcess
     ("case", "message"),
     [
         ("no sizes", "missing array(s) sizes"),
-        ("no threads", "missing array(s) threads"),
+        ("no blocks", "missing array(s) blocks"),
         ("W1 and W3", "weight matrices W1, W3 are not W1..WL"),
         ("wrong shape", "weight shapes (25, 65), (10, 25) do not match layer sizes [64, 25, 10]"),
     ],
@@ -142,8 +142,8 @@ def test_malformed_model_file_is_one_line(unchanged: Path, tmp_path: Path, case,
         arrays = dict(model)
     if case == "no sizes":
         del arrays["sizes"]
-    elif case == "no threads":
-        del arrays["threads"]
+    elif case == "no blocks":
+        del arrays["blocks"]
     elif case == "W1 and W3":
         arrays["W3"] = arrays.pop("W2")
     else:
@@ -156,7 +156,7 @@ def test_malformed_model_file_is_one_line(unchanged: Path, tmp_path: Path, case,
 def test_model_left_from_other_data_is_refused_by_name(unchanged: Path, tmp_path: Path):
     shutil.copy(unchanged / "models/h25.npz", tmp_path / "h25.npz")
     weights = init_weights([400, 25, 10], np.random.default_rng(0))
-    TrainedModel(tuple(weights), 0.0, 0.2, 5000, "lab", 1).save(tmp_path / "old.npz")
+    TrainedModel(tuple(weights), 0.0, 0.2, 5000, "lab", 4).save(tmp_path / "old.npz")
     proc = _evaluate_with(unchanged, tmp_path)
     assert_one_line_error(
         proc,
@@ -199,7 +199,17 @@ BAD_TRAIN_PARAMS = {
     "seed < 0": ("seed", -1, "seed = -1: must be >= 0"),
     "gradient": ("gradient", "sgd", "gradient = 'sgd': must be 'lab' or 'exact'"),
     "dtype": ("dtype", "float16", "dtype = 'float16': must be 'float64' or 'float32'"),
-    "threads 0": ("threads", 0, "threads = 0: must be >= 1"),
+    "blocks 0": ("blocks", 0, "blocks = 0: must be >= 1"),
+    "threads 0": (
+        "threads",
+        0,
+        "threads = 0: must be auto (the cores this process may use) or a whole number >= 1",
+    ),
+    "threads text": (
+        "threads",
+        "all",
+        "threads = 'all': must be auto (the cores this process may use) or a whole number >= 1",
+    ),
     "hidden empty": ("configs.h25.hidden", [], "configs.h25.hidden = []: must not be empty"),
     "hidden 0": ("configs.h25.hidden", [0], "configs.h25.hidden = [0]: 0 must be >= 1"),
     "hidden 25, -3": (

@@ -101,7 +101,7 @@ PIN_VALUES = {
     "gradient": next(r for r in GRADIENT_RULES if r != PARAMS["gradient"]),
     "dtype": next(d for d in DTYPES if d != PARAMS["dtype"]),
     "log_every": 4,
-    "threads": 2,
+    "blocks": 3,
 }
 
 
@@ -129,7 +129,7 @@ def test_each_key_pinned_in_a_configuration_reaches_the_model(
         "gradient": model.gradient,
         "dtype": model.dtype,
         "log_every": history[1]["step"],
-        "threads": model.threads,
+        "blocks": model.blocks,
     }
     if key == "seed":
         default = TrainedModel.load(workspace / "models/h25.npz")  # seed 0, all else the same

@@ -22,7 +22,7 @@ from nnbp.artifacts import Prepared, TrainedModel
 from nnbp.backprop import predict
 from nnbp.files import file_md5
 from nnbp.tracking.store import EXPERIMENT, WEIGHTS_MD5_TAG
-from tests.conftest import BIN, ROOT, clean_env, copy_repo, dvc, git, run
+from tests.conftest import BIN, ROOT, clean_env, copy_repo, dvc, git, run, set_params
 
 ITERS, LOG_EVERY = 40, 20
 CONFIGS = ("h25", "h100", "h100_l2")
@@ -90,6 +90,24 @@ def test_forced_repro_is_bitwise_identical(repo: Path) -> None:
     _dvc(repo, "repro", "-f")
     assert (repo / "dvc.lock").read_bytes() == lock
     assert (repo / "reports" / "metrics.json").read_bytes() == metrics
+
+
+def test_one_thread_and_two_give_the_same_dvc_lock_byte_for_byte(repo: Path) -> None:
+    """`threads` changes how fast, never what: no stage declares it, no output moves."""
+    params = (repo / "params.yaml").read_text()
+    try:
+        locks, models = [], []
+        for threads in (1, 2):
+            set_params(repo, threads=threads)
+            _dvc(repo, "repro", "-f")
+            locks.append((repo / "dvc.lock").read_bytes())
+            models.append({p.name: p.read_bytes() for p in (repo / "models").glob("*.npz")})
+    finally:
+        (repo / "params.yaml").write_text(params)
+    assert locks[0] == locks[1]
+    assert models[0] == models[1] and len(models[0]) == len(CONFIGS)
+    assert "threads" not in locks[0].decode()
+    assert "Running stage" not in _dvc(repo, "repro")  # back to auto: nothing to re-run
 
 
 def test_each_configuration_is_one_finished_mlflow_run_with_step_metrics(repo: Path) -> None:

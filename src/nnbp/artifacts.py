@@ -23,7 +23,7 @@ from .backprop import LogPoint
 from .errors import DataError, first_line
 from .files import atomic_paths, read_text, save_npz, write_json
 
-MODEL_KEYS = ("sizes", "lamb", "tau", "iters", "gradient", "threads")  # besides W1..WL
+MODEL_KEYS = ("sizes", "lamb", "tau", "iters", "gradient", "blocks")  # besides W1..WL
 HISTORY_KEYS = ("step", "loss", "train_acc", "test_acc")
 METRICS = ("train_acc", "test_acc", "loss")
 
@@ -76,14 +76,15 @@ class Prepared:
 @dataclass(frozen=True)
 class TrainedModel:
     """The weights ``W^1..W^L`` (each ``(n_{l+1}, n_l + 1)``, bias in column 0) and the
-    hyperparameters that made them; ``threads``: the BLAS threads, on which the last bits depend."""
+    hyperparameters that made them; ``blocks``: the blocks its examples were summed in, on which
+    the last bits depend."""
 
     weights: tuple[np.ndarray, ...]
     lamb: float
     tau: float
     iters: int
     gradient: str
-    threads: int
+    blocks: int
 
     @property
     def sizes(self) -> list[int]:
@@ -107,7 +108,7 @@ class TrainedModel:
             tau=np.float64(self.tau),
             iters=np.int64(self.iters),
             gradient=np.str_(self.gradient),
-            threads=np.int64(self.threads),
+            blocks=np.int64(self.blocks),
         )
 
     @classmethod
@@ -132,7 +133,7 @@ class TrainedModel:
             tau=float(arrays["tau"]),
             iters=int(arrays["iters"]),
             gradient=str(arrays["gradient"]),
-            threads=int(arrays["threads"]),
+            blocks=int(arrays["blocks"]),
         )
 
 

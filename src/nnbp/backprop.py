@@ -9,6 +9,13 @@ Conventions are the lab's:
 * Class indices are ``0..K-1`` here (files store ``1..K``).
 
 Everything here is pure: no I/O, no logging, no global state.
+
+Training and evaluation run block by block: the ``n`` examples are split into ``blocks``
+contiguous column blocks, each phase of an iteration (the forward pass, the output layer's
+gradient, each hidden layer's) runs once per block, possibly on several threads at once
+(``map_blocks``, see ``nnbp.parallel``), and the blocks' parts of a gradient, of the cost or of
+an accuracy are summed in block order. So the result depends on ``blocks`` and on nothing else:
+not on how many threads ran the blocks, nor in which order they finished.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -26,6 +33,13 @@ DTYPES = ("float64", "float32")
 ZSCORE_MODES = ("per_example", "per_feature")
 
 Weights = list[np.ndarray]
+MapBlocks = Callable[[Callable[[int], object], int], None]  # calls fn(0), ..., fn(count - 1)
+
+
+def in_order(fn: Callable[[int], object], count: int) -> None:
+    """The blocks one after the other, in the caller's thread."""
+    for i in range(count):
+        fn(i)
 
 
 def sigmoid(z: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -134,16 +148,11 @@ def _forward_into(weights: Weights, A: list[np.ndarray], out: np.ndarray) -> np.
 
 
 def forward(weights: Weights, X: np.ndarray) -> list[np.ndarray]:
-    """Activations ``[y^1 = X, y^2, ..., y^L]``, each ``(n_l, n)``."""
+    """Activations ``[y^1 = X, y^2, ..., y^L]``, each ``(n_l, n)`` (in one block)."""
     X = np.asarray(X, dtype=weights[0].dtype)
     A = _augmented(weights, X)
     out = _forward_into(weights, A, np.empty((weights[-1].shape[0], X.shape[1]), X.dtype))
     return [a[1:] for a in A] + [out]
-
-
-def predict(weights: Weights, X: np.ndarray) -> np.ndarray:
-    """Predicted class indices ``0..K-1``, shape ``(n,)``."""
-    return np.argmax(forward(weights, X)[-1], axis=0)
 
 
 def accuracy(y_pred: np.ndarray, y_true: np.ndarray) -> float:
@@ -152,79 +161,174 @@ def accuracy(y_pred: np.ndarray, y_true: np.ndarray) -> float:
     return 100.0 * float(np.count_nonzero(y_pred == y_true)) / y_true.size
 
 
-def _cost(Y_L: np.ndarray, Y: np.ndarray, weights: Weights, lamb: float) -> float:
-    n = Y.shape[1]
-    cross_entropy = -(np.sum(Y * np.log(Y_L + EPS)) + np.sum((1 - Y) * np.log(1 - Y_L + EPS))) / n
+def block_bounds(n: int, blocks: int) -> list[tuple[int, int]]:
+    """The ``(start, stop)`` columns of ``blocks`` contiguous blocks of ``n`` examples, sizes
+    differing by one at most (larger first); fewer blocks when ``n < blocks``."""
+    count = max(1, min(blocks, n))
+    q, r = divmod(n, count)
+    stops = np.cumsum([q + 1] * r + [q] * (count - r))
+    return [(int(a), int(b)) for a, b in zip([0, *stops[:-1]], stops, strict=True)]
+
+
+class _Block:
+    """One block of examples and its buffers: ``A`` the layers' ``[1; y^l]``, ``out`` the
+    output layer, ``G`` its part of every nabla (summed over its examples, not yet scaled)."""
+
+    def __init__(
+        self, weights: Weights, X: np.ndarray, Y: np.ndarray | None, y: np.ndarray | None
+    ) -> None:
+        self.A = _augmented(weights, X)
+        self.out = np.empty((weights[-1].shape[0], X.shape[1]), X.dtype)
+        self.Y, self.y = Y, y
+        self.G = [np.empty_like(W) for W in weights]
+        self.delta: np.ndarray | None = None
+        self.finite = True
+        self.cost: tuple[Any, Any] = (0.0, 0.0)
+        self.correct = 0
+
+    def forward(self, weights: Weights, scores: bool) -> None:
+        """The outputs; with ``scores``, this block's cross-entropy terms and correct answers."""
+        out = _forward_into(weights, self.A, self.out)
+        # The guarded cross-entropy is finite exactly when the outputs are, and an infinite
+        # weight turns the outputs into NaN one update later: this check is 30x cheaper than
+        # computing the cost at every iteration.
+        self.finite = bool(np.isfinite(out).all())
+        if scores and self.Y is not None:
+            Y = self.Y
+            self.cost = (np.sum(Y * np.log(out + EPS)), np.sum((1 - Y) * np.log(1 - out + EPS)))
+        if scores and self.y is not None:
+            self.correct = int(np.count_nonzero(np.argmax(out, axis=0) == self.y))
+
+    def output_gradient(self) -> None:
+        """delta^L = y^L - Y (sigmoid outputs, cross-entropy) and its part of nabla_{W^{L-1}}."""
+        assert self.Y is not None
+        self.delta = self.out - self.Y
+        np.matmul(self.delta, self.A[-1].T, out=self.G[-1])
+
+    def hidden_gradient(self, weights: Weights, l: int, lab: bool) -> None:
+        """delta^l = (W^l without its bias column)^T delta^{l+1} * s (1 - s) and its part of
+        nabla_{W^{l-1}}, where sigma'(z) = y (1 - y) takes s = y^l; the lab applies sigma' to
+        y^l itself, s = sigma(y^l)."""
+        y = self.A[l][1:]
+        s = sigmoid(y) if lab else y
+        delta = weights[l][:, 1:].T @ self.delta
+        delta *= s
+        delta *= 1 - s
+        self.delta = delta
+        np.matmul(delta, self.A[l - 1].T, out=self.G[l - 1])
+
+
+def _split(
+    weights: Weights, X: np.ndarray, Y: np.ndarray | None, y: np.ndarray | None, blocks: int
+) -> list[_Block]:
+    return [
+        _Block(
+            weights,
+            X[:, a:b],
+            None if Y is None else np.ascontiguousarray(Y[:, a:b]),
+            None if y is None else y[a:b],
+        )
+        for a, b in block_bounds(X.shape[1], blocks)
+    ]
+
+
+def _in_blocks(map_blocks: MapBlocks, parts: list[_Block], step: Callable[[_Block], None]) -> None:
+    """``step`` on every block, overflow silenced in whichever thread runs it (a divergence is
+    reported, not warned about)."""
+
+    def run(i: int) -> None:
+        with np.errstate(over="ignore", invalid="ignore"):
+            step(parts[i])
+
+    map_blocks(run, len(parts))
+
+
+def _cost(parts: list[_Block], n: int, weights: Weights, lamb: float) -> float:
+    """The lab's cost from the blocks' cross-entropy terms, summed in block order."""
+    ones, zeros = parts[0].cost
+    for p in parts[1:]:
+        ones, zeros = ones + p.cost[0], zeros + p.cost[1]
+    cross_entropy = -(ones + zeros) / n
     return float(cross_entropy + lamb * sum(np.sum(W * W) for W in weights))
 
 
-def loss(weights: Weights, X: np.ndarray, Y: np.ndarray, lamb: float = 0.0) -> float:
-    """The lab's cost: mean over examples of the binary cross-entropy summed over the K outputs
-    (with its ``1e-10`` guard) plus ``lamb`` times the sum of all squared weights, biases included.
-    ``X`` is ``(d, n)``, ``Y`` one-hot ``(K, n)``."""
-    return _cost(forward(weights, X)[-1], Y, weights, lamb)
-
-
-def _layer_gradient(
-    grad: np.ndarray, delta: np.ndarray, a: np.ndarray, W: np.ndarray, lamb: float
-) -> None:
-    """nabla_{W^l} = delta^{l+1} [1; y^l]^T / n + 2 lamb W^l, written into ``grad``."""
-    np.matmul(delta, a.T, out=grad)
-    grad *= 1 / delta.shape[1]
+def _gradient(parts: list[_Block], l: int, n: int, W: np.ndarray, lamb: float, grad: np.ndarray):
+    """nabla_{W^l} = (sum of the blocks' parts, in block order) / n + 2 lamb W^l, into ``grad``."""
+    np.copyto(grad, parts[0].G[l])
+    for p in parts[1:]:
+        grad += p.G[l]
+    grad *= 1 / n
     if lamb:
         grad += 2 * lamb * W
 
 
-def _hidden_delta(W: np.ndarray, delta: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """delta^l = (W^l without its bias column)^T delta^{l+1} * s (1 - s), with s = y^l for
-    sigma'(z) = y (1 - y)."""
-    delta = W[:, 1:].T @ delta
-    delta *= s
-    delta *= 1 - s
-    return delta
-
-
-def _exact_gradients(
-    weights: Weights, A: list[np.ndarray], Y_L: np.ndarray, Y: np.ndarray, lamb: float, G: Weights
-) -> Weights:
-    """Fill ``G`` with every nabla_{W^l}, all taken from the weights as they are."""
-    delta = Y_L - Y  # delta^L for sigmoid outputs and cross-entropy
-    for l in reversed(range(len(weights))):
-        _layer_gradient(G[l], delta, A[l], weights[l], lamb)
-        if l:
-            delta = _hidden_delta(weights[l], delta, A[l][1:])
-    return G
-
-
-def _lab_step(
+def _scored(
     weights: Weights,
-    A: list[np.ndarray],
-    Y_L: np.ndarray,
+    X: np.ndarray,
+    Y: np.ndarray | None,
+    y: np.ndarray | None,
+    blocks: int,
+    map_blocks: MapBlocks,
+) -> list[_Block]:
+    X = np.asarray(X, dtype=weights[0].dtype)
+    parts = _split(weights, X, Y, y, blocks)
+    _in_blocks(map_blocks, parts, lambda p: p.forward(weights, True))
+    return parts
+
+
+def predict(
+    weights: Weights, X: np.ndarray, *, blocks: int = 1, map_blocks: MapBlocks = in_order
+) -> np.ndarray:
+    """Predicted class indices ``0..K-1``, shape ``(n,)``."""
+    parts = _scored(weights, X, None, None, blocks, map_blocks)
+    return np.concatenate([np.argmax(p.out, axis=0) for p in parts])
+
+
+def loss(
+    weights: Weights,
+    X: np.ndarray,
     Y: np.ndarray,
-    lamb: float,
-    tau: float,
-    G: Weights,
-) -> None:
-    """One iteration of the lab's loop, in place: W^l is updated before delta^l is computed
-    from it, and sigma' is applied to the activation y^l itself (``sigmoid(y)`` for ``y``)."""
-    delta = Y_L - Y
-    for l in reversed(range(len(weights))):
-        _layer_gradient(G[l], delta, A[l], weights[l], lamb)
-        weights[l] -= tau * G[l]
-        if l:
-            delta = _hidden_delta(weights[l], delta, sigmoid(A[l][1:]))
+    lamb: float = 0.0,
+    *,
+    blocks: int = 1,
+    map_blocks: MapBlocks = in_order,
+) -> float:
+    """The lab's cost: mean over examples of the binary cross-entropy summed over the K outputs
+    (with its ``1e-10`` guard) plus ``lamb`` times the sum of all squared weights, biases included.
+    ``X`` is ``(d, n)``, ``Y`` one-hot ``(K, n)``."""
+    Y = np.asarray(Y, dtype=weights[0].dtype)
+    return _cost(_scored(weights, X, Y, None, blocks, map_blocks), Y.shape[1], weights, lamb)
 
 
-def gradients(weights: Weights, X: np.ndarray, Y: np.ndarray, lamb: float = 0.0) -> Weights:
+def _backward(weights: Weights, part: _Block, lab: bool) -> None:
+    part.output_gradient()
+    for l in reversed(range(1, len(weights))):
+        part.hidden_gradient(weights, l, lab)
+
+
+def gradients(
+    weights: Weights,
+    X: np.ndarray,
+    Y: np.ndarray,
+    lamb: float = 0.0,
+    *,
+    blocks: int = 1,
+    map_blocks: MapBlocks = in_order,
+) -> Weights:
     """nabla_{W^l} of ``loss(weights, X, Y, lamb)``, same shapes as ``weights``.
 
     Exact for the cross-entropy; the ``1e-10`` guard inside ``loss`` moves the true derivative by
     a relative ``1e-10 / min(y, 1 - y)`` at most, far below what a finite difference resolves.
     """
     X = np.asarray(X, dtype=weights[0].dtype)
-    A = _augmented(weights, X)
-    Y_L = _forward_into(weights, A, np.empty((weights[-1].shape[0], X.shape[1]), X.dtype))
-    return _exact_gradients(weights, A, Y_L, Y, lamb, [np.empty_like(W) for W in weights])
+    parts = _split(weights, X, np.asarray(Y, dtype=X.dtype), None, blocks)
+    _in_blocks(
+        map_blocks, parts, lambda p: (p.forward(weights, False), _backward(weights, p, False))
+    )
+    G = [np.empty_like(W) for W in weights]
+    for l, W in enumerate(weights):
+        _gradient(parts, l, X.shape[1], W, lamb, G[l])
+    return G
 
 
 def fit(
@@ -241,6 +345,8 @@ def fit(
     X_test: np.ndarray | None = None,
     y_test: np.ndarray | None = None,
     callback: Callable[[LogPoint], None] | None = None,
+    blocks: int = 1,
+    map_blocks: MapBlocks = in_order,
 ) -> Weights:
     """Train by full-batch gradient descent; returns new weights (``dtype``), same layout.
 
@@ -248,9 +354,11 @@ def fit(
     ``gradient="exact"`` is plain gradient descent on ``loss``: every nabla_{W^l} is taken from the
     weights before any of them changes. ``gradient="lab"`` is the lab's loop as written: W^l is
     updated before delta^l is computed from it, and sigma' is applied to the activation y^l itself.
-    Every ``log_every`` updates (and after the last), ``callback`` gets a ``LogPoint`` with the
-    loss, training accuracy and, given ``X_test`` ``(d, m)`` and ``y_test`` ``(m,)``, test
-    accuracy. A non-finite output or loss raises ``DivergenceError`` as soon as it is seen.
+    At iteration 0, every ``log_every`` updates and after the last, ``callback`` gets a
+    ``LogPoint`` with the loss, training accuracy and, given ``X_test`` ``(d, m)`` and ``y_test``
+    ``(m,)``, test accuracy. A non-finite output or loss raises ``DivergenceError`` as soon as it
+    is seen. The examples (and the test examples) run in ``blocks`` blocks, through
+    ``map_blocks``: the result depends on ``blocks``, not on how the blocks are run.
     """
     if gradient not in GRADIENT_RULES:
         raise ValueError(f"gradient must be one of {GRADIENT_RULES}, got {gradient!r}")
@@ -259,35 +367,51 @@ def fit(
     weights = [np.array(W, dtype=dtype) for W in weights]
     X = np.asarray(X, dtype=dtype)
     Y = np.asarray(Y, dtype=dtype)
-    y_train = np.argmax(Y, axis=0)
-    A = _augmented(weights, X)
-    Y_L = np.empty((weights[-1].shape[0], X.shape[1]), dtype)
+    n, L, lab = X.shape[1], len(weights), gradient == "lab"
+    train = _split(weights, X, Y, np.argmax(Y, axis=0), blocks)
+    test = None
+    if X_test is not None and y_test is not None:
+        test = _split(weights, np.asarray(X_test, dtype=dtype), None, np.ravel(y_test), blocks)
     G = [np.empty_like(W) for W in weights]
 
-    # A diverging run overflows before it is caught below: that is reported, not warned about.
+    def first_phase(part: _Block, scores: bool) -> None:
+        part.forward(weights, scores)
+        if lab:
+            part.output_gradient()  # the rest waits for W^{L-1}'s update
+        else:
+            _backward(weights, part, lab=False)  # every gradient from the weights as they are
+
     with np.errstate(over="ignore", invalid="ignore"):
         for t in range(iters + 1):
-            _forward_into(weights, A, Y_L)
-            # The guarded cross-entropy is finite exactly when the outputs are, and an infinite
-            # weight turns the outputs into NaN one update later: this check is 30x cheaper than
-            # computing the cost at every iteration.
-            if not np.isfinite(Y_L).all():
+            logging = callback is not None and log_every and (t % log_every == 0 or t == iters)
+            _in_blocks(map_blocks, train, lambda p, scores=bool(logging): first_phase(p, scores))
+            if not all(p.finite for p in train):
                 raise DivergenceError(t)
-            if callback is not None and log_every and (t % log_every == 0 or t == iters):
-                cost = _cost(Y_L, Y, weights, lamb)
+            if logging:
+                cost = _cost(train, n, weights, lamb)
                 if not np.isfinite(cost):
                     raise DivergenceError(t)
                 test_acc = None
-                if X_test is not None and y_test is not None:
-                    test_acc = accuracy(predict(weights, X_test), y_test)
-                train_acc = accuracy(np.argmax(Y_L, axis=0), y_train)
+                if test is not None:
+                    _in_blocks(map_blocks, test, lambda p: p.forward(weights, True))
+                    test_acc = 100.0 * float(sum(p.correct for p in test)) / X_test.shape[1]
+                train_acc = 100.0 * float(sum(p.correct for p in train)) / n
                 callback(LogPoint(t, cost, train_acc, test_acc))
             if t == iters:
                 break
-            if gradient == "lab":
-                _lab_step(weights, A, Y_L, Y, lamb, tau, G)
+            if lab:
+                for l in reversed(range(L)):
+                    if l < L - 1:  # delta^{l+1} from W^{l+1}, updated a moment ago
+                        _in_blocks(
+                            map_blocks,
+                            train,
+                            lambda p, l=l: p.hidden_gradient(weights, l + 1, True),
+                        )
+                    _gradient(train, l, n, weights[l], lamb, G[l])
+                    weights[l] -= tau * G[l]  # the lab updates W^l before delta^l is computed
             else:
-                _exact_gradients(weights, A, Y_L, Y, lamb, G)
+                for l in range(L):
+                    _gradient(train, l, n, weights[l], lamb, G[l])
                 for W, grad in zip(weights, G, strict=True):
                     W -= tau * grad
     return weights

@@ -1,9 +1,12 @@
 """The one place that turns ``params.yaml`` into typed, validated values.
 
 A stage reads only the parameters that ``dvc.yaml`` declares for it (``read("train@h25")``), so
-DVC re-runs exactly the stages a change touches: ``Params.get`` refuses any other key. The values
-are checked against one schema (types, ranges, allowed keys; pydantic, strict: no string is taken
-for a number, no number for a boolean) and every error is one line naming the key the user typed:
+DVC re-runs exactly the stages a change touches: ``Params.get`` refuses any other key, but for
+the machine settings of ``RUNTIME`` (``threads``), which change how fast a stage runs and never
+a byte of what it writes, so that no stage declares them and DVC re-runs nothing for them. The
+values are checked against one schema (types, ranges, allowed keys; pydantic, strict: no string
+is taken for a number, no number for a boolean) and every error is one line naming the key the
+user typed:
 
     params.yaml: configs.h25.tau = 0.0: must be > 0
 
@@ -20,7 +23,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Self
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    Strict,
+    ValidationError,
+)
 
 from .backprop import DTYPES, GRADIENT_RULES, ZSCORE_MODES
 from .datasets import SIZE, SOURCES
@@ -32,6 +43,7 @@ DVC_FILE = Path("dvc.yaml")
 # A configuration name: a plain file name (it names models/NAME.npz) that is also a clean DVC
 # stage and params key (no '/', no '.', no '@' or ':'), and not an option (no leading '-').
 CONFIG_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
+RUNTIME = ("threads",)  # read by stages that do not declare them: they change no output
 
 
 class ConfigError(UserError):
@@ -109,7 +121,7 @@ class Params:
         self.values, self.keys, self.source, self.stage = values, tuple(keys), source, stage
 
     def get(self, key: str) -> Any:
-        if not any(key == k or key.startswith(f"{k}.") for k in self.keys):
+        if key not in RUNTIME and not any(key == k or key.startswith(f"{k}.") for k in self.keys):
             raise ConfigError(
                 f"{DVC_FILE}: stage {self.stage} reads {key} but does not declare it in its "
                 "params (DVC would not re-run it when that changes); add it there"
@@ -140,6 +152,12 @@ def configuration_of_stage() -> str | None:
 # --- the schema ------------------------------------------------------------------------------
 
 
+def _threads(value: Any) -> int | str:
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return value
+    raise ValueError("must be auto (the cores this process may use) or a whole number >= 1")
+
+
 def _image_shape(value: str) -> str:
     if value != "auto" and not re.fullmatch(r"[1-9][0-9]*x[1-9][0-9]*", value):
         raise ValueError("must be auto (square images) or HxW, e.g. 20x20")
@@ -151,6 +169,7 @@ Seed = Annotated[int, Strict(), Field(ge=0)]
 Positive = Annotated[float, Strict(), Field(gt=0, allow_inf_nan=False)]
 NonNegative = Annotated[float, Strict(), Field(ge=0, allow_inf_nan=False)]
 Text = Annotated[str, Strict(), Field(min_length=1)]
+Threads = Annotated[int | str, PlainValidator(_threads)]
 
 
 class _Section(BaseModel):
@@ -216,10 +235,11 @@ class DataFile(_Section):
     path: Text
 
 
-class Evaluation(_Section):
-    """How the models are evaluated (``evaluate``)."""
+class Runtime(_Section):
+    """How many threads run the blocks of training and evaluation (``auto``: the cores this
+    process may use, at most the blocks); no output depends on it."""
 
-    threads: Whole
+    threads: Threads
 
 
 class Render(_Section):
@@ -257,7 +277,7 @@ class Training(BaseModel):
     gradient: Literal[GRADIENT_RULES]
     dtype: Literal[DTYPES]
     log_every: Whole
-    threads: Whole
+    blocks: Whole
 
     DEFAULTS: ClassVar[tuple[str, ...]] = (
         "tau",
@@ -267,7 +287,7 @@ class Training(BaseModel):
         "gradient",
         "dtype",
         "log_every",
-        "threads",
+        "blocks",
     )
     PINNABLE: ClassVar[tuple[str, ...]] = ("hidden", *DEFAULTS)
 

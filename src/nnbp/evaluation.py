@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 from .artifacts import Prepared, TrainedModel
-from .backprop import accuracy, loss, predict
+from .backprop import MapBlocks, accuracy, in_order, loss, predict
 
 
 @dataclass(frozen=True)
@@ -21,16 +20,16 @@ class Evaluation:
     confusion: np.ndarray
 
 
-def evaluate(model: TrainedModel, data: Prepared, threads: int = 1) -> Evaluation:
-    """``model`` on ``data``, on ``threads`` BLAS threads (the training's own: the same bits)."""
-    weights = list(model.weights)
-    with threadpool_limits(threads, user_api="blas"):
-        y_pred = predict(weights, data.X_test)
-        metrics = {
-            "train_acc": round(accuracy(predict(weights, data.X_train), data.y_train), 4),
-            "test_acc": round(accuracy(y_pred, data.y_test), 4),
-            "loss": round(loss(weights, data.X_train, data.Y_train, model.lamb), 6),
-        }
+def evaluate(model: TrainedModel, data: Prepared, map_blocks: MapBlocks = in_order) -> Evaluation:
+    """``model`` on ``data``, in the blocks it was trained in (``model.blocks``), run through
+    ``map_blocks``: the same sums as training's, whatever runs them."""
+    weights, blocks = list(model.weights), {"blocks": model.blocks, "map_blocks": map_blocks}
+    y_pred = predict(weights, data.X_test, **blocks)
+    metrics = {
+        "train_acc": round(accuracy(predict(weights, data.X_train, **blocks), data.y_train), 4),
+        "test_acc": round(accuracy(y_pred, data.y_test), 4),
+        "loss": round(loss(weights, data.X_train, data.Y_train, model.lamb, **blocks), 6),
+    }
     K = data.classes
     confusion = np.zeros((K, K), dtype=np.int64)
     np.add.at(confusion, (data.y_test, y_pred), 1)

@@ -177,7 +177,7 @@ def _recorded(model: TrainedModel) -> dict[str, Any]:
         "tau": model.tau,
         "iters": model.iters,
         "gradient": model.gradient,
-        "threads": model.threads,
+        "blocks": model.blocks,
     }
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 from .artifacts import Prepared, TrainedModel
 from .backprop import DivergenceError, LogPoint, fit, init_weights
 from .config import Training
 from .errors import UserError
+from .parallel import Pool, thread_count
 
 
 class Diverged(UserError):
@@ -18,15 +18,19 @@ class Diverged(UserError):
 
 
 def train(
-    config: Training, data: Prepared, on_point: Callable[[LogPoint], None] | None = None
+    config: Training,
+    data: Prepared,
+    on_point: Callable[[LogPoint], None] | None = None,
+    threads: int | str = "auto",
 ) -> TrainedModel:
     """Train ``config`` on ``data`` by full-batch backprop from the lab's initial weights (seeded
-    by ``config.seed``); ``on_point`` gets every log point (every ``log_every`` iterations and
-    the last). ``Diverged`` (one line) if the loss stops being finite."""
+    by ``config.seed``), its ``config.blocks`` blocks run by ``threads`` threads (which change no
+    bit); ``on_point`` gets every log point (iteration 0, every ``log_every`` and the last).
+    ``Diverged`` (one line) if the loss stops being finite."""
     sizes = [data.features, *config.hidden, data.classes]
     weights = init_weights(sizes, np.random.default_rng(config.seed))
     try:
-        with threadpool_limits(config.threads, user_api="blas"):  # the bits depend on it
+        with Pool(thread_count(threads, config.blocks)) as pool:
             weights = fit(
                 data.X_train,
                 data.Y_train,
@@ -40,6 +44,8 @@ def train(
                 X_test=data.X_test,
                 y_test=data.y_test,
                 callback=on_point,
+                blocks=config.blocks,
+                map_blocks=pool.map,
             )
     except DivergenceError as e:
         raise Diverged(
@@ -52,5 +58,5 @@ def train(
         tau=config.tau,
         iters=config.iters,
         gradient=config.gradient,
-        threads=config.threads,
+        blocks=config.blocks,
     )

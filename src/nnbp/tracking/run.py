@@ -80,8 +80,16 @@ def run_name(config: str) -> str:
     return f"{config} (repro {commit[:7]})" if commit else config
 
 
-def training_params(config: Training, data_path: str, data: Prepared) -> dict[str, Any]:
-    """What a training run logs as params: its configuration, layers and data."""
+def training_params(
+    config: Training, threads: int | str, data_path: str, data: Prepared
+) -> dict[str, Any]:
+    """What a training run logs as params: its configuration, layers, data and how it ran
+    (threads, and the BLAS kernels that ran, on which the last bits depend)."""
+    from threadpoolctl import threadpool_info
+
+    from ..parallel import thread_count
+
+    blas = [i for i in threadpool_info() if i.get("user_api") == "blas"]
     sizes = [data.features, *config.hidden, data.classes]
     return {
         "config": config.name,
@@ -94,7 +102,9 @@ def training_params(config: Training, data_path: str, data: Prepared) -> dict[st
         "gradient": config.gradient,
         "dtype": config.dtype,
         "log_every": config.log_every,
-        "threads": config.threads,
+        "blocks": config.blocks,
+        "threads": thread_count(threads, config.blocks),
+        "blas_kernels": blas[0].get("architecture", "?") if blas else "?",
         "data_path": data_path,
         "data_md5": file_md5(data_path),
         "n_train": data.X_train.shape[1],
