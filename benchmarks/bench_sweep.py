@@ -78,7 +78,7 @@ def main() -> None:
         (repo / "params.yaml").write_text(params)
         git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@nnbp.invalid"]
         _run(["dvc", "repro", "--quiet"], repo)
-        _run([*git, "commit", "--quiet", "-am", "baseline"], repo)
+        _run([*git, "commit", "--quiet", "--allow-empty", "-am", "baseline"], repo)
         n = args.experiments
         walls = {}
         for jobs, first in ((1, 101), (2, 201)):
