@@ -9,6 +9,8 @@ store) feeds both. Screenshots are kept in ``test-artifacts/`` (README: Working 
 from __future__ import annotations
 
 import contextlib
+import re
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,8 +19,10 @@ import pytest
 from playwright.sync_api import Error as PlaywrightError
 
 from nnbp.config import read_yaml
+from nnbp.files import file_md5
 from tests.browser import chromium, screenshot
 from tests.conftest import BIN, ROOT, clean_env, copy_repo, dvc, run
+from tests.servers import start_ui, stop
 
 ITERS, LOG_EVERY = 60, 10
 CONFIGS = ("h25", "h100", "h100_l2")
@@ -136,5 +140,152 @@ def test_plots_page_draws_every_chart_and_figure_offline(repo: Path, browser: An
         assert errors == [], errors
         off_machine = [u for u in requests if not u.startswith(("file://", "data:", "blob:"))]
         assert off_machine == [], f"the page asked the network for {off_machine}"
+    finally:
+        context.close()
+
+
+# --- the MLflow UI -------------------------------------------------------------------------
+
+README = ROOT / "README.md"
+UI_LINK = re.compile(r"<(http://127\.0\.0\.1:5000)(/#/experiments/[^>]+)>")
+
+
+def readme_says(fragment: str) -> str:
+    """The README's bullet or paragraph of "Tracking with MLflow" that holds ``fragment``, as
+    one line: what an assertion quotes when the UI no longer does what it says."""
+    text = README.read_text()
+    section = text[text.index("## Tracking with MLflow") :]
+    section = section[: section.index("\n## ", 3)]
+    for block in re.split(r"\n(?=- )|\n\n", section):
+        if fragment in block:
+            return " ".join(block.split())
+    pytest.fail(f"README's 'Tracking with MLflow' no longer says {fragment!r}")
+
+
+def stale(sentence: str) -> str:
+    return f"the MLflow UI no longer shows what README.md says: {sentence!r}"
+
+
+def _runs(repo: Path) -> dict[str, tuple[str, str]]:
+    """configuration -> (run name, run id), from the copy's store."""
+    with sqlite3.connect(repo / "mlflow.db") as db:
+        rows = db.execute(
+            "SELECT p.value, r.name, r.run_uuid FROM runs r JOIN params p"
+            " ON p.run_uuid = r.run_uuid AND p.key = 'config'"
+        ).fetchall()
+    return {config: (name, run_id) for config, name, run_id in rows}
+
+
+# The runs table's cells, row by row: column id -> text (the grid splits a row in parts).
+TABLE = """
+() => {
+  const rows = {};
+  document.querySelectorAll('[role=row][row-index]').forEach(row => {
+    const cells = rows[row.getAttribute('row-index')] ||= {};
+    row.querySelectorAll('[role=gridcell][col-id]').forEach(cell => {
+      cells[cell.getAttribute('col-id').replaceAll('`', '')] = cell.innerText;
+    });
+  });
+  return Object.values(rows);
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def ui(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`mlflow ui` from the copy's root, as the README runs it; its URL."""
+    proc, url = start_ui(repo, tmp_path_factory.mktemp("ui"))
+    try:
+        yield url
+    finally:
+        stop(proc)
+
+
+def test_mlflow_ui_shows_what_the_readme_says(repo: Path, ui: str, browser: Any) -> None:
+    runs = _runs(repo)
+    assert sorted(runs) == sorted(CONFIGS)
+    digest = file_md5(repo / "data" / "digits.npz")
+    context = browser.new_context(viewport={"width": 1920, "height": 1080})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    try:
+        # The README's link opens the runs table.
+        link_sentence = readme_says("workflowType=machine_learning")
+        match = UI_LINK.search(link_sentence)
+        assert match, f"README's UI link is gone: {link_sentence!r}"
+        page.goto(ui + match.group(2))
+        table = readme_says("*Runs*, the table")
+        for name, _ in runs.values():
+            try:
+                page.get_by_text(name, exact=True).first.wait_for()
+            except PlaywrightError:
+                screenshot(page, "mlflow_ui_runs")
+                pytest.fail(f"run {name!r} is not in the runs table; " + stale(link_sentence))
+        headers = page.evaluate(
+            "Array.from(document.querySelectorAll('[role=columnheader]')).map(e => e.innerText)"
+        )
+        for column in ("Dataset", "Duration", "Source", "Models"):
+            assert column in headers, f"no column {column!r} ({headers}); " + stale(table)
+        page.wait_for_function(
+            "document.querySelectorAll('[role=gridcell][col-id*=Models]').length >= 3"
+        )
+        # a run's name cell: its colour, then its name
+        rows = {r.get("attributes.Run Name", "").split("\n")[-1]: r for r in page.evaluate(TABLE)}
+        screenshot(page, "mlflow_ui_runs")
+        for config, (name, _) in runs.items():
+            row = rows.get(name)
+            assert row is not None, f"no row for {name!r} in {sorted(rows)}; " + stale(table)
+            dataset = row.get("attributes.Dataset", "")
+            assert dataset.startswith(f"digits.npz:training ({digest[:8]}"), (
+                f"{name}: Dataset {dataset!r}; " + stale(table)
+            )
+            assert "+1" in dataset, f"{name}: Dataset {dataset!r}; " + stale(table)
+            assert row.get("attributes.Source", "").strip() == "dvc.yaml", stale(table)
+            assert row.get("attributes.Models", "").strip() == config, (
+                f"{name}: Models {row.get('attributes.Models')!r}; " + stale(table)
+            )
+
+        # The chart view: a chart per metric, a line per run; and the system metrics.
+        charts = readme_says("The chart view")
+        page.locator("label:has(input[name=runs-view-mode][value=CHART])").click()
+        for metric in METRICS:
+            for name, _ in runs.values():
+                legend = f"{name} ({metric})"
+                try:
+                    page.get_by_text(legend, exact=True).first.wait_for()
+                except PlaywrightError:
+                    screenshot(page, "mlflow_ui_charts")
+                    pytest.fail(f"no line {legend!r} in the chart view; " + stale(charts))
+        system = readme_says("*System metrics*")
+        section = page.get_by_text(re.compile(r"^System metrics")).first
+        section.wait_for()
+        cores = page.get_by_text("system/process_cpu_cores", exact=True)
+        try:
+            cores.first.wait_for()
+        except PlaywrightError:
+            screenshot(page, "mlflow_ui_charts")
+            pytest.fail("no chart system/process_cpu_cores; " + stale(system))
+        screenshot(page, "mlflow_ui_charts")
+
+        # A run's page, from its name in the table: its datasets and its logged model.
+        config = "h25"
+        name, run_id = runs[config]
+        run_page = readme_says("A run's page")
+        page.goto(f"{ui}/#/experiments/1/runs/{run_id}")
+        try:
+            page.get_by_text("Logged models (1)", exact=True).wait_for()
+            page.get_by_text("Ready", exact=True).first.wait_for()  # the model, loaded
+        except PlaywrightError:
+            screenshot(page, "mlflow_ui_run")
+            pytest.fail(f"{name}: no Logged models on its page; " + stale(run_page))
+        text = page.inner_text("body")
+        screenshot(page, "mlflow_ui_run")
+        shown = f"Datasets\ndigits.npz:training ({digest})\nTraining\n+1\n"
+        assert shown in text, f"{name}: not on its page: {shown!r}; " + stale(run_page)
+        logged = text[text.index("Logged models") :]
+        for shown in ("Output", str(ITERS), config, "Ready"):
+            assert f"\n{shown}\n" in logged, f"{name}: {shown!r} not under Logged models; " + stale(
+                run_page
+            )
     finally:
         context.close()
