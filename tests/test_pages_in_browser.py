@@ -95,7 +95,7 @@ def _plot_titles() -> dict[str, str]:
     return {k: v["title"] for p in plots if isinstance(p, dict) for k, v in p.items()}
 
 
-def test_plots_page_draws_every_chart_and_figure_offline(repo: Path, browser: Any) -> None:
+def test_plots_page_draws_every_chart_and_figure_offline(browser: Any, repo: Path) -> None:
     context = browser.new_context(offline=True, viewport={"width": 1280, "height": 900})
     requests: list[str] = []
     errors: list[str] = []
@@ -201,7 +201,7 @@ def ui(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         stop(proc)
 
 
-def test_mlflow_ui_shows_what_the_readme_says(repo: Path, ui: str, browser: Any) -> None:
+def test_mlflow_ui_shows_what_the_readme_says(browser: Any, repo: Path, ui: str) -> None:
     runs = _runs(repo)
     assert sorted(runs) == sorted(CONFIGS)
     digest = file_md5(repo / "data" / "digits.npz")
