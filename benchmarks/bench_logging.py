@@ -82,6 +82,7 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=["h25", "h100"])
     parser.add_argument("--every", nargs="+", type=int, default=[500, 50, 10])
     args = parser.parse_args()
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"  # a run's link per run
     print(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
 
     from nnbp import config
