@@ -36,7 +36,7 @@ def main(name: str | None, prepared: str, models: str, histories: str) -> None:
     # The run is opened, or the store refused, before any training.
     with Run.start(name, training_params(training, threads, data_path, data)) as run:
         run.log_datasets(data_path, data)
-        with Progress(training.iters, name) as bar:
+        with run.system_metrics(), Progress(training.iters, name) as bar:
 
             def on_point(point):
                 points.append(point)

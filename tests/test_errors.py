@@ -239,7 +239,7 @@ def test_bad_training_parameter(unchanged: Path, tmp_path: Path, case: str):
 
 
 def test_a_quick_run_needs_one_override(unchanged: Path, tmp_path: Path):
-    """iters below log_every (500 in params.yaml) logs the start and the end."""
+    """iters below log_every logs the start and the end."""
     out = ("--models", str(tmp_path), "--histories", str(tmp_path))
     with changed_params(unchanged, {"iters": 7, "log_every": 500}):
         proc = invoke("train", "h25", *out, cwd=unchanged)

@@ -123,8 +123,14 @@ def test_each_configuration_is_one_finished_mlflow_run_with_step_metrics(repo: P
             steps = db.execute(
                 "SELECT key, step FROM metrics WHERE run_uuid = ? ORDER BY key, step", (run_id,)
             ).fetchall()
-            # the step metrics only: no final_* copies of their last values
-            assert {k for k, _ in steps} == {"loss", "train_acc", "test_acc"}
+            # the step metrics, no final_* copies of their last values; and the system metrics
+            keys = {k for k, _ in steps}
+            assert {k for k in keys if not k.startswith("system/")} == {
+                "loss",
+                "train_acc",
+                "test_acc",
+            }
+            assert {"system/process_cpu_cores", "system/cpu_utilization_percentage"} <= keys
             for key in ("loss", "train_acc", "test_acc"):
                 assert [s for k, s in steps if k == key] == list(range(0, ITERS + 1, LOG_EVERY))
             params = dict(db.execute("SELECT key, value FROM params WHERE run_uuid = ?", (run_id,)))

@@ -20,6 +20,7 @@ import getpass
 import os
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -38,6 +39,7 @@ from ..files import file_md5
 from .orphans import close_orphans, orphan_note, process_tags
 from .retry import retrying
 from .store import TrackingError, check_store, git, open_experiment, tracking_uri
+from .system import sampling
 
 # DVC's variables for a stage run inside an experiment, recorded as run tags.
 DVC_TAGS = {
@@ -132,6 +134,9 @@ class NullRun:
     def log_results(self, *args: Any) -> None:
         pass
 
+    def system_metrics(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
     def end(self, status: str = "FINISHED") -> None:
         pass
 
@@ -147,6 +152,7 @@ class Run:
         self._history: list[Any] = []  # every metric logged, with its timestamp, in order
         self._live = True  # False once live logging gave up: the rest waits for end()
         self._unsent: list[str] = []  # what end() could not deliver either
+        self._logging = threading.Lock()  # training and the system metrics' thread both log
 
     @classmethod
     def start(
@@ -223,14 +229,20 @@ class Run:
 
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
-        self._history.extend(batch)
-        if self._live and (error := self._send(self._client.log_batch, self.run_id, batch)):
-            self._live = False
-            print(
-                f"warning: MLflow logging failed ({error}); training goes on, and its metrics "
-                "will be sent again when the run ends",
-                file=sys.stderr,
-            )
+        with self._logging:
+            self._history.extend(batch)
+            if self._live and (error := self._send(self._client.log_batch, self.run_id, batch)):
+                self._live = False
+                print(
+                    f"warning: MLflow logging failed ({error}); training goes on, and its "
+                    "metrics will be sent again when the run ends",
+                    file=sys.stderr,
+                )
+
+    def system_metrics(self) -> contextlib.AbstractContextManager[None]:
+        """While the block runs, the machine's and this process's CPU and memory, logged as
+        ``system/...`` metrics (``nnbp.tracking.system``)."""
+        return sampling(self.log_metrics)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if error := self._send(self._client.log_artifact, self.run_id, str(path), artifact_path):

@@ -1,0 +1,291 @@
+"""The two pages users look at, in a real browser (the system's Chromium, headless): the
+`dvc plots show` page, opened from disk with the network cut off, and the MLflow UI that
+`mlflow ui` serves on the pipeline's runs, checked against what the README says it shows.
+
+One small pipeline run (scikit-learn's digits, few iterations, tracked to the copy's default
+store) feeds both. Screenshots are kept in ``test-artifacts/`` (README: Working copy).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from playwright.sync_api import Error as PlaywrightError
+
+from nnbp.config import read_yaml
+from nnbp.files import file_md5
+from tests.browser import chromium, screenshot
+from tests.conftest import BIN, ROOT, clean_env, copy_repo, dvc, run
+from tests.servers import start_ui, stop
+
+ITERS, LOG_EVERY = 60, 10
+CONFIGS = ("h25", "h100", "h100_l2")
+METRICS = ("loss", "train_acc", "test_acc")
+TRACKED = clean_env(NNBP_TRACKING="on")  # the default store: mlflow.db in the copy
+TIMEOUT_MS = 30_000
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the repository after `dvc repro` (tracked) and `dvc plots show`."""
+    root = copy_repo(tmp_path_factory.mktemp("pages") / "repo", iters=ITERS, log_every=LOG_EVERY)
+    dvc(root, "repro", env=TRACKED)
+    run([str(BIN / "dvc"), "plots", "show"], root, TRACKED)
+    return root
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    yield from chromium()
+
+
+# --- the dvc plots show page ---------------------------------------------------------------
+
+# Before the page's scripts run: keep the view vega-embed makes of each chart, by its element,
+# so the test can read what Vega drew (the charts are canvases: no DOM to count lines in).
+KEEP_VIEWS = """
+window.__views = {};
+window.__failed = {};
+let embed;
+Object.defineProperty(window, 'vegaEmbed', {
+  configurable: true,
+  get() { return embed; },
+  set(real) {
+    embed = Object.assign(function (el, spec, options) {
+      const shown = real(el, spec, options);
+      shown.then(r => { window.__views[el] = r.view; }, e => { window.__failed[el] = String(e); });
+      return shown;
+    }, real);
+  },
+});
+"""
+
+# What each view drew: its title, its line marks (one per configuration), and whether a canvas
+# or SVG of non-zero size is on the page.
+DRAWN = """
+(element) => {
+  const view = window.__views[element];
+  if (!view) return null;
+  const lines = [], titles = [];
+  const walk = (mark) => {
+    if (mark.marktype === 'line' && mark.items.length)
+      lines.push({configuration: mark.items[0].datum.configuration, points: mark.items.length});
+    if (mark.role === 'title-text') mark.items.forEach(i => titles.push(String(i.text)));
+    (mark.items || []).forEach(item => (item.items || []).forEach(walk));
+  };
+  walk(view.scenegraph().root);
+  const surface = document.querySelector(`${element} canvas, ${element} svg.marks`);
+  const box = surface ? surface.getBoundingClientRect() : {width: 0, height: 0};
+  return {lines, titles, width: box.width, height: box.height};
+}
+"""
+
+
+def _plot_titles() -> dict[str, str]:
+    """dvc.yaml's plots: chart id -> title (the images are listed as bare paths)."""
+    plots = read_yaml(ROOT / "dvc.yaml")["plots"]
+    return {k: v["title"] for p in plots if isinstance(p, dict) for k, v in p.items()}
+
+
+def test_plots_page_draws_every_chart_and_figure_offline(browser: Any, repo: Path) -> None:
+    context = browser.new_context(offline=True, viewport={"width": 1280, "height": 900})
+    requests: list[str] = []
+    errors: list[str] = []
+    page = context.new_page()
+    page.on("request", lambda r: requests.append(r.url))
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.add_init_script(KEEP_VIEWS)
+    try:
+        page.goto((repo / "dvc_plots" / "index.html").as_uri())
+        page.wait_for_load_state("load")
+        expected = _plot_titles()
+        assert set(expected) == set(METRICS), "dvc.yaml's charts are not the metrics"
+        with contextlib.suppress(PlaywrightError):  # a chart that never renders: said below
+            page.wait_for_function(
+                f"Object.keys(window.__views).length + Object.keys(window.__failed).length"
+                f" >= {len(expected)}",
+                timeout=TIMEOUT_MS,
+            )
+        path = screenshot(page, "plots_page")
+        failed = page.evaluate("window.__failed || {}")
+        for chart, title in expected.items():
+            drawn = page.evaluate(DRAWN, f"#{chart}")
+            assert drawn is not None, (
+                f"chart {chart!r} ({title!r}) did not render: "
+                f"{failed.get('#' + chart, 'no Vega view')}; page errors: {errors[:3]}; "
+                f"screenshot {path}"
+            )
+            assert drawn["width"] > 100 and drawn["height"] > 100, (chart, drawn)
+            assert drawn["titles"] == [title], f"chart {chart!r}: titled {drawn['titles']}"
+            lines = sorted(drawn["lines"], key=lambda line: CONFIGS.index(line["configuration"]))
+            points = len(range(0, ITERS + 1, LOG_EVERY))
+            assert lines == [{"configuration": c, "points": points} for c in CONFIGS], (
+                f"chart {chart!r} does not draw a line of {points} points per configuration"
+            )
+        figures = page.evaluate(
+            "Array.from(document.images).map(i => [i.getAttribute('src'), i.naturalWidth])"
+        )
+        for name in ("curves.png", "features.png"):
+            loaded = [w for src, w in figures if src and src.endswith(name)]
+            assert loaded and loaded[0] > 100, f"figure {name} did not load: {figures}"
+        assert errors == [], errors
+        off_machine = [u for u in requests if not u.startswith(("file://", "data:", "blob:"))]
+        assert off_machine == [], f"the page asked the network for {off_machine}"
+    finally:
+        context.close()
+
+
+# --- the MLflow UI -------------------------------------------------------------------------
+
+README = ROOT / "README.md"
+UI_LINK = re.compile(r"<(http://127\.0\.0\.1:5000)(/#/experiments/[^>]+)>")
+
+
+def readme_says(fragment: str) -> str:
+    """The README's bullet or paragraph of "Tracking with MLflow" that holds ``fragment``, as
+    one line: what an assertion quotes when the UI no longer does what it says."""
+    text = README.read_text()
+    section = text[text.index("## Tracking with MLflow") :]
+    section = section[: section.index("\n## ", 3)]
+    for block in re.split(r"\n(?=- )|\n\n", section):
+        if fragment in block:
+            return " ".join(block.split())
+    pytest.fail(f"README's 'Tracking with MLflow' no longer says {fragment!r}")
+
+
+def stale(sentence: str) -> str:
+    return f"the MLflow UI no longer shows what README.md says: {sentence!r}"
+
+
+def _runs(repo: Path) -> dict[str, tuple[str, str]]:
+    """configuration -> (run name, run id), from the copy's store."""
+    with sqlite3.connect(repo / "mlflow.db") as db:
+        rows = db.execute(
+            "SELECT p.value, r.name, r.run_uuid FROM runs r JOIN params p"
+            " ON p.run_uuid = r.run_uuid AND p.key = 'config'"
+        ).fetchall()
+    return {config: (name, run_id) for config, name, run_id in rows}
+
+
+# The runs table's cells, row by row: column id -> text (the grid splits a row in parts).
+TABLE = """
+() => {
+  const rows = {};
+  document.querySelectorAll('[role=row][row-index]').forEach(row => {
+    const cells = rows[row.getAttribute('row-index')] ||= {};
+    row.querySelectorAll('[role=gridcell][col-id]').forEach(cell => {
+      cells[cell.getAttribute('col-id').replaceAll('`', '')] = cell.innerText;
+    });
+  });
+  return Object.values(rows);
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def ui(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`mlflow ui` from the copy's root, as the README runs it; its URL."""
+    proc, url = start_ui(repo, tmp_path_factory.mktemp("ui"))
+    try:
+        yield url
+    finally:
+        stop(proc)
+
+
+def test_mlflow_ui_shows_what_the_readme_says(browser: Any, repo: Path, ui: str) -> None:
+    runs = _runs(repo)
+    assert sorted(runs) == sorted(CONFIGS)
+    digest = file_md5(repo / "data" / "digits.npz")
+    context = browser.new_context(viewport={"width": 1920, "height": 1080})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    try:
+        # The README's link opens the runs table.
+        link_sentence = readme_says("workflowType=machine_learning")
+        match = UI_LINK.search(link_sentence)
+        assert match, f"README's UI link is gone: {link_sentence!r}"
+        page.goto(ui + match.group(2))
+        table = readme_says("*Runs*, the table")
+        for name, _ in runs.values():
+            try:
+                page.get_by_text(name, exact=True).first.wait_for()
+            except PlaywrightError:
+                screenshot(page, "mlflow_ui_runs")
+                pytest.fail(f"run {name!r} is not in the runs table; " + stale(link_sentence))
+        headers = page.evaluate(
+            "Array.from(document.querySelectorAll('[role=columnheader]')).map(e => e.innerText)"
+        )
+        for column in ("Dataset", "Duration", "Source", "Models"):
+            assert column in headers, f"no column {column!r} ({headers}); " + stale(table)
+        page.wait_for_function(
+            "document.querySelectorAll('[role=gridcell][col-id*=Models]').length >= 3"
+        )
+        # a run's name cell: its colour, then its name
+        rows = {r.get("attributes.Run Name", "").split("\n")[-1]: r for r in page.evaluate(TABLE)}
+        screenshot(page, "mlflow_ui_runs")
+        for config, (name, _) in runs.items():
+            row = rows.get(name)
+            assert row is not None, f"no row for {name!r} in {sorted(rows)}; " + stale(table)
+            dataset = row.get("attributes.Dataset", "")
+            assert dataset.startswith(f"digits.npz:training ({digest[:8]}"), (
+                f"{name}: Dataset {dataset!r}; " + stale(table)
+            )
+            assert "+1" in dataset, f"{name}: Dataset {dataset!r}; " + stale(table)
+            assert row.get("attributes.Source", "").strip() == "dvc.yaml", stale(table)
+            assert row.get("attributes.Models", "").strip() == config, (
+                f"{name}: Models {row.get('attributes.Models')!r}; " + stale(table)
+            )
+
+        # The chart view: a chart per metric, a line per run; and the system metrics.
+        charts = readme_says("The chart view")
+        page.locator("label:has(input[name=runs-view-mode][value=CHART])").click()
+        for metric in METRICS:
+            for name, _ in runs.values():
+                legend = f"{name} ({metric})"
+                try:
+                    page.get_by_text(legend, exact=True).first.wait_for()
+                except PlaywrightError:
+                    screenshot(page, "mlflow_ui_charts")
+                    pytest.fail(f"no line {legend!r} in the chart view; " + stale(charts))
+        system = readme_says("*System metrics*")
+        section = page.get_by_text(re.compile(r"^System metrics")).first
+        section.wait_for()
+        cores = page.get_by_text("system/process_cpu_cores", exact=True)
+        try:
+            cores.first.wait_for()
+        except PlaywrightError:
+            screenshot(page, "mlflow_ui_charts")
+            pytest.fail("no chart system/process_cpu_cores; " + stale(system))
+        screenshot(page, "mlflow_ui_charts")
+
+        # A run's page, from its name in the table: its datasets and its logged model.
+        config = "h25"
+        name, run_id = runs[config]
+        run_page = readme_says("A run's page")
+        page.goto(f"{ui}/#/experiments/1/runs/{run_id}")
+        try:
+            page.get_by_text("Logged models (1)", exact=True).wait_for()
+            page.get_by_text("Ready", exact=True).first.wait_for()  # the model, loaded
+        except PlaywrightError:
+            screenshot(page, "mlflow_ui_run")
+            pytest.fail(f"{name}: no Logged models on its page; " + stale(run_page))
+        text = page.inner_text("body")
+        screenshot(page, "mlflow_ui_run")
+        shown = f"Datasets\ndigits.npz:training ({digest})\nTraining\n+1\n"
+        assert shown in text, f"{name}: not on its page: {shown!r}; " + stale(run_page)
+        logged = text[text.index("Logged models") :]
+        for shown in ("Output", str(ITERS), config, "Ready"):
+            assert f"\n{shown}\n" in logged, f"{name}: {shown!r} not under Logged models; " + stale(
+                run_page
+            )
+    finally:
+        context.close()
