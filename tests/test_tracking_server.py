@@ -9,10 +9,8 @@ on 127.0.0.1 only. Without PostgreSQL the test is skipped, except under CI=true 
 
 from __future__ import annotations
 
-import base64
 import json
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -25,9 +23,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import mlflow
 import numpy as np
@@ -38,31 +34,23 @@ from nnbp.backprop import predict
 from nnbp.config import read_yaml
 from nnbp.files import file_md5
 from nnbp.tracking.store import EXPERIMENT
-from tests.conftest import BIN, ROOT, clean_env, copy_repo, dvc
+from tests.conftest import BIN, clean_env, copy_repo, dvc
 from tests.errors_helpers import write_params
+from tests.servers import (
+    ADMIN,
+    Api,
+    Server,
+    add_member,
+    all_runs,
+    free_port,
+    member_env,
+    missing,
+    start_server,
+    stop_server,
+)
 
-HEALTH_TIMEOUT = 240  # seconds: the first start migrates the store (~30 s on PostgreSQL)
 PG_DEFAULT_BIN = Path("/usr/lib/postgresql/15/bin")  # Debian's postgresql-15
 ITERS, LOG_EVERY = 20, 10
-
-# No proxy for 127.0.0.1, whatever the environment says.
-_http = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _missing(message: str) -> None:
-    """Skip, or fail under CI, where the server tests must run."""
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{message} (CI=true: the tracking server tests may not be skipped)")
-    pytest.skip(message)
-
-
-# --- PostgreSQL ----------------------------------------------------------------------------
 
 
 def _pg_bin() -> Path | None:
@@ -95,7 +83,7 @@ def postgres_db() -> Iterator[str]:
     """A PostgreSQL cluster with a database `mlflow`; yields its SQLAlchemy URI."""
     pg = _pg_bin()
     if pg is None:
-        _missing(
+        missing(
             f"PostgreSQL server binaries (initdb, pg_ctl) not found in {PG_DEFAULT_BIN}, "
             "/usr/lib/postgresql/*/bin or PATH: install postgresql (apt-get install "
             "postgresql-15) or set NNBP_PG_BIN"
@@ -103,26 +91,26 @@ def postgres_db() -> Iterator[str]:
     try:
         import psycopg2  # noqa: F401  (the server's driver: postgresql+psycopg2://)
     except ImportError:
-        _missing("psycopg2 is not installed: pip install -e '.[dev]'")
+        missing("psycopg2 is not installed: pip install -e '.[dev]'")
     as_user: list[str] = []
     if os.geteuid() == 0:  # initdb refuses root: run the cluster as postgres
         # runuser lives in /usr/sbin or /sbin, which a non-login PATH may leave out.
         search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
         runuser = shutil.which("runuser", path=search)
         if runuser is None:
-            _missing("running as root without runuser: cannot start PostgreSQL as postgres")
+            missing("running as root without runuser: cannot start PostgreSQL as postgres")
         try:
             import pwd
 
             owner = pwd.getpwnam("postgres")
         except KeyError:
-            _missing("running as root and there is no postgres user to run PostgreSQL as")
+            missing("running as root and there is no postgres user to run PostgreSQL as")
         as_user = [runuser, "-u", "postgres", "--"]
     # Not pytest's tmp_path: its parents are private to the current user.
     folder = Path(tempfile.mkdtemp(prefix="nnbp-pg-"))
     if as_user:
         os.chown(folder, owner.pw_uid, owner.pw_gid)
-    data, port = folder / "data", _free_port()
+    data, port = folder / "data", free_port()
     started = False
     try:
         _pg(
@@ -188,88 +176,6 @@ def postgres_db() -> Iterator[str]:
 
 # --- the MLflow server, as the README's team section runs it ------------------------------
 
-ADMIN = "admin"  # admin_username in server/basic_auth.ini
-AUTH_CONFIG = ROOT / "server" / "basic_auth.ini"
-
-
-@dataclass
-class Server:
-    url: str
-    artifacts: Path  # --artifacts-destination
-    backend: str
-    startup_seconds: float
-    admin_password: str
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop the server and its workers: the process group it leads (start_new_session)."""
-    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            proc.wait(timeout=wait)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def start_server(
-    folder: Path, store: str, port: int | None = None, *, auth: bool = False
-) -> tuple[subprocess.Popen, Server]:
-    """`mlflow server` on 127.0.0.1 (a free port unless given), backed by ``store``, serving
-    artifacts from ``folder``/artifacts; returns once it answers /health. Stop it with ``_stop``.
-
-    ``auth``: as the README starts the team server, `--app-name basic-auth` with the secrets in
-    the environment only, the auth app's settings from server/basic_auth.ini, and the host check
-    for the one name clients use."""
-    backend = store.split(":", 1)[0].split("+", 1)[0]
-    artifacts, port = folder / "artifacts", port or _free_port()
-    url = f"http://127.0.0.1:{port}"
-    admin_password = secrets.token_urlsafe(18) if auth else ""
-    env = clean_env()
-    cmd = [str(BIN / "mlflow"), "server"]
-    if auth:
-        env.update(
-            MLFLOW_AUTH_CONFIG_PATH=str(AUTH_CONFIG),
-            MLFLOW_AUTH_ADMIN_PASSWORD=admin_password,
-            MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(32),
-        )
-        cmd += ["--app-name", "basic-auth", "--allowed-hosts", f"127.0.0.1:{port}"]
-    cmd += [
-        *("--backend-store-uri", store, "--serve-artifacts"),
-        *("--artifacts-destination", str(artifacts)),
-        *("--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
-    ]
-    log_path = folder / "server.log"
-    start = time.monotonic()
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            cmd, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        while True:
-            if proc.poll() is not None:
-                log = log_path.read_text()[-3000:]
-                pytest.fail(f"mlflow server ({backend}) exited {proc.returncode}:\n{log}")
-            try:
-                with _http.open(f"{url}/health", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except (OSError, urllib.error.URLError):
-                pass
-            if time.monotonic() - start > HEALTH_TIMEOUT:
-                pytest.fail(
-                    f"mlflow server ({backend}) not healthy after {HEALTH_TIMEOUT} s:\n"
-                    f"{log_path.read_text()[-3000:]}"
-                )
-            time.sleep(0.5)
-    except BaseException:
-        _stop(proc)
-        raise
-    return proc, Server(url, artifacts, backend, time.monotonic() - start, admin_password)
-
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def mlflow_server(request, tmp_path_factory) -> Iterator[Server]:
@@ -285,89 +191,7 @@ def mlflow_server(request, tmp_path_factory) -> Iterator[Server]:
     try:
         yield server
     finally:
-        _stop(proc)
-
-
-class Api:
-    """The tracking server's REST API (/api/2.0/mlflow/...), as ``user`` with ``password``."""
-
-    def __init__(self, url: str, user: str | None = None, password: str | None = None) -> None:
-        self.url = url
-        self.headers = {}
-        if user is not None:
-            pair = base64.b64encode(f"{user}:{password}".encode()).decode()
-            self.headers["Authorization"] = f"Basic {pair}"
-
-    def request(
-        self, endpoint: str, body: dict | None = None, version: str = "2.0", **query: Any
-    ) -> urllib.request.Request:
-        q = urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
-        return urllib.request.Request(
-            f"{self.url}/api/{version}/mlflow/{endpoint}" + (f"?{q}" if q else ""),
-            data=None if body is None else json.dumps(body).encode(),
-            headers={**self.headers, "Content-Type": "application/json"},
-            method="GET" if body is None else "POST",
-        )
-
-    def status(self, request: urllib.request.Request) -> int:
-        """The HTTP status the server answers ``request`` with."""
-        try:
-            with _http.open(request, timeout=60) as response:
-                return response.status
-        except urllib.error.HTTPError as e:
-            return e.code
-
-    def _call(self, request: urllib.request.Request) -> Any:
-        try:
-            with _http.open(request, timeout=60) as response:
-                body = response.read()
-        except urllib.error.HTTPError as e:
-            pytest.fail(f"{request.get_method()} {request.full_url}: {e.code} {e.read()[:500]!r}")
-        return json.loads(body) if body else {}
-
-    def get(self, endpoint: str, **query: Any) -> Any:
-        return self._call(self.request(endpoint, **query))
-
-    def post(self, endpoint: str, body: dict, version: str = "2.0") -> Any:
-        return self._call(self.request(endpoint, body, version))
-
-    def artifacts(self, run_id: str, path: str | None = None) -> dict[str, dict]:
-        files = self.get("artifacts/list", run_id=run_id, path=path).get("files", [])
-        return {f["path"]: f for f in files}
-
-    def download(self, artifact_uri: str, path: str) -> bytes:
-        """An artifact's bytes, through the proxied artifact service (mlflow-artifacts:/...)."""
-        where = artifact_uri.removeprefix("mlflow-artifacts:/").strip("/")
-        request = urllib.request.Request(
-            f"{self.url}/api/2.0/mlflow-artifacts/artifacts/{where}/{path}", headers=self.headers
-        )
-        with _http.open(request, timeout=60) as response:
-            return response.read()
-
-
-def _member(server: Server, user: str) -> tuple[str, str]:
-    """A team member's account, created by the admin as the README shows (users/create)."""
-    password = secrets.token_urlsafe(15)
-    admin = Api(server.url, ADMIN, server.admin_password)
-    admin.post("users/create", {"username": user, "password": password})
-    return user, password
-
-
-def _all_runs(api: Api) -> list[str]:
-    experiments = api.get("experiments/search", max_results=1000).get("experiments", [])
-    ids = [e["experiment_id"] for e in experiments]
-    found = api.post("runs/search", {"experiment_ids": ids, "max_results": 1000})
-    return sorted(r["info"]["run_id"] for r in found.get("runs", []))
-
-
-def _credentials(user: str, password: str, url: str) -> dict[str, str]:
-    """A member's environment for the pipeline (the README's client setup)."""
-    return clean_env(
-        MLFLOW_TRACKING_URI=url,
-        MLFLOW_TRACKING_USERNAME=user,
-        MLFLOW_TRACKING_PASSWORD=password,
-        NNBP_TRACKING="on",
-    )
+        stop_server(proc)
 
 
 @pytest.mark.slow
@@ -396,10 +220,10 @@ def test_pipeline_logs_every_configuration_to_the_team_server(mlflow_server, tmp
     repo = copy_repo(tmp_path / "repo", iters=ITERS, log_every=LOG_EVERY)
     params = read_yaml(repo / "params.yaml")
     configs = params["configs"]
-    user, password = _member(server, "alice")
+    user, password = add_member(server, "alice")
 
     started = time.monotonic()
-    dvc(repo, "repro", env=_credentials(user, password, server.url))
+    dvc(repo, "repro", env=member_env(user, password, server.url))
     pipeline_seconds = time.monotonic() - started
     assert not (repo / "mlflow.db").exists(), "runs went to the local store, not the server"
 
@@ -511,7 +335,7 @@ def test_pipeline_logs_every_configuration_to_the_team_server(mlflow_server, tmp
     # Another member may read the experiment (default_permission READ), not log to it, until
     # the admin grants EDIT as the README shows.
     experiment_id = experiment["experiment_id"]
-    bob = Api(server.url, *_member(server, "bob"))
+    bob = Api(server.url, *add_member(server, "bob"))
     create = {"experiment_id": experiment_id, "run_name": "bob's"}
     assert bob.status(bob.request("experiments/get", experiment_id=experiment_id)) == 200
     assert bob.status(bob.request("runs/create", create)) == 403
@@ -530,15 +354,15 @@ def test_wrong_password_fails_before_training_in_one_line_leaving_the_outputs(
     mlflow_server, prepared_repo
 ):
     server = mlflow_server
-    user, password = _member(server, "carol")
+    user, password = add_member(server, "carol")
     out = f"out-wrong-password-{server.backend}"
     result, _ = _train(prepared_repo, out, ITERS, NNBP_TRACKING="off")  # previous outputs
     assert result.returncode == 0, result.stderr
     before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (prepared_repo / out).iterdir()}
     admin = Api(server.url, ADMIN, server.admin_password)
-    runs_before = _all_runs(admin)
+    runs_before = all_runs(admin)
 
-    env = _credentials(user, password + "-wrong", server.url)
+    env = member_env(user, password + "-wrong", server.url)
     result, seconds = _train(prepared_repo, out, LONG, **{k: env[k] for k in WITH_CREDENTIALS})
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
@@ -549,7 +373,7 @@ def test_wrong_password_fails_before_training_in_one_line_leaving_the_outputs(
     assert seconds < FAST, f"took {seconds:.1f} s"  # LONG iterations: it did not train
     after = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (prepared_repo / out).iterdir()}
     assert after == before
-    assert _all_runs(admin) == runs_before  # no run was opened
+    assert all_runs(admin) == runs_before  # no run was opened
 
 
 # --- tracking problems fail at once --------------------------------------------------------
@@ -594,7 +418,7 @@ FAST = 15  # seconds: Python and NumPy start-up on a loaded machine, then the fa
 
 
 def test_closed_port_fails_before_training_with_one_line(prepared_repo):
-    url = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     result, seconds = _train(
         prepared_repo, "out-closed", LONG, MLFLOW_TRACKING_URI=url, NNBP_TRACKING="on"
     )
@@ -639,7 +463,7 @@ def test_port_that_does_not_speak_http_fails_with_one_line(prepared_repo):
 
 
 def test_tracking_off_trains_and_writes_outputs(prepared_repo):
-    url = f"http://127.0.0.1:{_free_port()}"  # unreachable, and ignored
+    url = f"http://127.0.0.1:{free_port()}"  # unreachable, and ignored
     result, _ = _train(
         prepared_repo, "out-off", ITERS, MLFLOW_TRACKING_URI=url, NNBP_TRACKING="off"
     )
@@ -653,7 +477,7 @@ def test_tracking_off_trains_and_writes_outputs(prepared_repo):
 
 @pytest.mark.slow
 def test_train_stage_through_dvc_fails_at_once_on_a_closed_port(prepared_repo):
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     started = time.monotonic()
     result = subprocess.run(
         [str(BIN / "dvc"), "repro", "train@h25"],
@@ -694,7 +518,7 @@ def test_a_run_left_running_by_a_dead_server_is_closed_by_the_next_run(prepared_
     folder = tmp_path / "server"
     folder.mkdir()
     db = folder / "mlflow.db"
-    port = _free_port()
+    port = free_port()
     server_proc, server = start_server(folder, f"sqlite:///{db}", port)
     env = clean_env(MLFLOW_TRACKING_URI=server.url, NNBP_TRACKING="on")
     training = subprocess.Popen(
@@ -712,14 +536,14 @@ def test_a_run_left_running_by_a_dead_server_is_closed_by_the_next_run(prepared_
             assert time.monotonic() < deadline, "training did not start in time"
             time.sleep(0.2)
         (orphan,) = _server_runs(db)
-        _stop(server_proc)  # the server dies mid-run
+        stop_server(server_proc)  # the server dies mid-run
         first = training.stderr.readline()  # the stage reports the failure and trains on
         training.send_signal(signal.SIGTERM)  # ... and ends while the server is still down
         _, rest = training.communicate(timeout=180)
     finally:
         if training.poll() is None:
             training.kill()
-        _stop(server_proc)
+        stop_server(server_proc)
     assert first.startswith("warning: MLflow logging failed ("), first
     assert f"warning: MLflow run h25 ({orphan}) is incomplete: could not send " in rest, rest
     assert "so it shows RUNNING until the next training run" in rest
@@ -731,7 +555,7 @@ def test_a_run_left_running_by_a_dead_server_is_closed_by_the_next_run(prepared_
         result, _ = _train(prepared_repo, "out-next", ITERS, **env)
         runs = _server_runs(db)
     finally:
-        _stop(server_proc)
+        stop_server(server_proc)
     assert result.returncode == 0, result.stderr
     assert "note: closed MLflow run 'h25 " in result.stdout  # its name adds how it was run
     assert f"({orphan[:8]}) as FAILED" in result.stdout

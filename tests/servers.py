@@ -1,0 +1,212 @@
+"""Real servers for the tests, started as the README starts them, on 127.0.0.1 only: the team's
+MLflow tracking server (optionally behind MLflow's authentication app) and a client of its REST
+API; the S3-compatible store a DVC remote points at (moto's server).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import BIN, ROOT, clean_env
+
+HEALTH_TIMEOUT = 240  # seconds: the first start migrates the store (~30 s on PostgreSQL)
+
+# No proxy for 127.0.0.1, whatever the environment says.
+HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def missing(message: str) -> None:
+    """Skip, or fail under CI, where the server tests must run."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{message} (CI=true: the tracking server tests may not be skipped)")
+    pytest.skip(message)
+
+
+# --- PostgreSQL ----------------------------------------------------------------------------
+
+
+ADMIN = "admin"  # admin_username in server/basic_auth.ini
+AUTH_CONFIG = ROOT / "server" / "basic_auth.ini"
+
+
+@dataclass
+class Server:
+    url: str
+    artifacts: Path  # --artifacts-destination
+    backend: str
+    startup_seconds: float
+    admin_password: str
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """Stop the server and its workers: the process group it leads (start_new_session)."""
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def start_server(
+    folder: Path, store: str, port: int | None = None, *, auth: bool = False
+) -> tuple[subprocess.Popen, Server]:
+    """`mlflow server` on 127.0.0.1 (a free port unless given), backed by ``store``, serving
+    artifacts from ``folder``/artifacts; returns once it answers /health. ``stop_server`` stops
+    it.
+
+    ``auth``: as the README starts the team server, `--app-name basic-auth` with the secrets in
+    the environment only, the auth app's settings from server/basic_auth.ini, and the host check
+    for the one name clients use."""
+    backend = store.split(":", 1)[0].split("+", 1)[0]
+    artifacts, port = folder / "artifacts", port or free_port()
+    url = f"http://127.0.0.1:{port}"
+    admin_password = secrets.token_urlsafe(18) if auth else ""
+    env = clean_env()
+    cmd = [str(BIN / "mlflow"), "server"]
+    if auth:
+        env.update(
+            MLFLOW_AUTH_CONFIG_PATH=str(AUTH_CONFIG),
+            MLFLOW_AUTH_ADMIN_PASSWORD=admin_password,
+            MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(32),
+        )
+        cmd += ["--app-name", "basic-auth", "--allowed-hosts", f"127.0.0.1:{port}"]
+    cmd += [
+        *("--backend-store-uri", store, "--serve-artifacts"),
+        *("--artifacts-destination", str(artifacts)),
+        *("--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
+    ]
+    log_path = folder / "server.log"
+    start = time.monotonic()
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            cmd, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        while True:
+            if proc.poll() is not None:
+                log = log_path.read_text()[-3000:]
+                pytest.fail(f"mlflow server ({backend}) exited {proc.returncode}:\n{log}")
+            try:
+                with HTTP.open(f"{url}/health", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except (OSError, urllib.error.URLError):
+                pass
+            if time.monotonic() - start > HEALTH_TIMEOUT:
+                pytest.fail(
+                    f"mlflow server ({backend}) not healthy after {HEALTH_TIMEOUT} s:\n"
+                    f"{log_path.read_text()[-3000:]}"
+                )
+            time.sleep(0.5)
+    except BaseException:
+        stop_server(proc)
+        raise
+    return proc, Server(url, artifacts, backend, time.monotonic() - start, admin_password)
+
+
+class Api:
+    """The tracking server's REST API (/api/2.0/mlflow/...), as ``user`` with ``password``."""
+
+    def __init__(self, url: str, user: str | None = None, password: str | None = None) -> None:
+        self.url = url
+        self.headers = {}
+        if user is not None:
+            pair = base64.b64encode(f"{user}:{password}".encode()).decode()
+            self.headers["Authorization"] = f"Basic {pair}"
+
+    def request(
+        self, endpoint: str, body: dict | None = None, version: str = "2.0", **query: Any
+    ) -> urllib.request.Request:
+        q = urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
+        return urllib.request.Request(
+            f"{self.url}/api/{version}/mlflow/{endpoint}" + (f"?{q}" if q else ""),
+            data=None if body is None else json.dumps(body).encode(),
+            headers={**self.headers, "Content-Type": "application/json"},
+            method="GET" if body is None else "POST",
+        )
+
+    def status(self, request: urllib.request.Request) -> int:
+        """The HTTP status the server answers ``request`` with."""
+        try:
+            with HTTP.open(request, timeout=60) as response:
+                return response.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    def _call(self, request: urllib.request.Request) -> Any:
+        try:
+            with HTTP.open(request, timeout=60) as response:
+                body = response.read()
+        except urllib.error.HTTPError as e:
+            pytest.fail(f"{request.get_method()} {request.full_url}: {e.code} {e.read()[:500]!r}")
+        return json.loads(body) if body else {}
+
+    def get(self, endpoint: str, **query: Any) -> Any:
+        return self._call(self.request(endpoint, **query))
+
+    def post(self, endpoint: str, body: dict, version: str = "2.0") -> Any:
+        return self._call(self.request(endpoint, body, version))
+
+    def artifacts(self, run_id: str, path: str | None = None) -> dict[str, dict]:
+        files = self.get("artifacts/list", run_id=run_id, path=path).get("files", [])
+        return {f["path"]: f for f in files}
+
+    def download(self, artifact_uri: str, path: str) -> bytes:
+        """An artifact's bytes, through the proxied artifact service (mlflow-artifacts:/...)."""
+        where = artifact_uri.removeprefix("mlflow-artifacts:/").strip("/")
+        request = urllib.request.Request(
+            f"{self.url}/api/2.0/mlflow-artifacts/artifacts/{where}/{path}", headers=self.headers
+        )
+        with HTTP.open(request, timeout=60) as response:
+            return response.read()
+
+
+def add_member(server: Server, user: str) -> tuple[str, str]:
+    """A team member's account, created by the admin as the README shows (users/create)."""
+    password = secrets.token_urlsafe(15)
+    admin = Api(server.url, ADMIN, server.admin_password)
+    admin.post("users/create", {"username": user, "password": password})
+    return user, password
+
+
+def all_runs(api: Api) -> list[str]:
+    experiments = api.get("experiments/search", max_results=1000).get("experiments", [])
+    ids = [e["experiment_id"] for e in experiments]
+    found = api.post("runs/search", {"experiment_ids": ids, "max_results": 1000})
+    return sorted(r["info"]["run_id"] for r in found.get("runs", []))
+
+
+def member_env(user: str, password: str, url: str) -> dict[str, str]:
+    """A member's environment for the pipeline (the README's client setup)."""
+    return clean_env(
+        MLFLOW_TRACKING_URI=url,
+        MLFLOW_TRACKING_USERNAME=user,
+        MLFLOW_TRACKING_PASSWORD=password,
+        NNBP_TRACKING="on",
+    )
