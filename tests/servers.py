@@ -210,3 +210,92 @@ def member_env(user: str, password: str, url: str) -> dict[str, str]:
         MLFLOW_TRACKING_PASSWORD=password,
         NNBP_TRACKING="on",
     )
+
+
+def team_server(folder: Path) -> tuple[subprocess.Popen, Server, dict[str, str]]:
+    """The README's team server (SQLite-backed, `start_server(auth=True)`) and a member's
+    environment for the pipeline (``member_env``) with an account that may log runs."""
+    proc, server = start_server(folder, f"sqlite:///{folder / 'mlflow.db'}", auth=True)
+    try:
+        user, password = add_member(server, "alice")
+        return proc, server, member_env(user, password, server.url)
+    except BaseException:
+        stop_server(proc)
+        raise
+
+
+# --- an S3-compatible store: moto's server ----------------------------------------------
+
+
+@dataclass
+class S3:
+    url: str  # the endpoint, DVC's `endpointurl`
+    bucket: str
+    key_id: str  # a user's access key, allowed everything on S3
+    secret: str
+
+    def env(self, secret: str | None = None) -> dict[str, str]:
+        """The credentials as DVC's S3 client reads them from the environment."""
+        return {
+            "AWS_ACCESS_KEY_ID": self.key_id,
+            "AWS_SECRET_ACCESS_KEY": self.secret if secret is None else secret,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
+
+# The set-up makes exactly these many requests (user, its key, its policy, the bucket); moto
+# checks credentials and signatures from the next one on, as a real S3 store does.
+S3_SETUP_ACTIONS = 4
+
+
+def start_s3_server(folder: Path, bucket: str = "tp5-dvc") -> tuple[subprocess.Popen, S3]:
+    """moto's S3 server on 127.0.0.1 with a bucket and one user's access key; requests signed
+    with anything else are refused (403). ``stop_server`` stops it."""
+    import boto3
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = clean_env(INITIAL_NO_AUTH_ACTION_COUNT=str(S3_SETUP_ACTIONS))
+    log_path = folder / "s3.log"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+            cwd=folder,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"moto_server exited {proc.returncode}: {log_path.read_text()[-2000:]}")
+            try:
+                with HTTP.open(f"{url}/moto-api/", timeout=5) as response:  # counts no action
+                    if response.status == 200:
+                        break
+            except (OSError, urllib.error.URLError):
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"moto_server not up after 60 s: {log_path.read_text()[-2000:]}")
+            time.sleep(0.3)
+        setup = {
+            "endpoint_url": url,
+            "region_name": "us-east-1",
+            "aws_access_key_id": "setup",
+            "aws_secret_access_key": "setup",
+        }
+        iam = boto3.client("iam", **setup)
+        iam.create_user(UserName="team")
+        key = iam.create_access_key(UserName="team")["AccessKey"]
+        policy = {
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}],
+        }
+        iam.put_user_policy(UserName="team", PolicyName="s3", PolicyDocument=json.dumps(policy))
+        boto3.client("s3", **setup).create_bucket(Bucket=bucket)
+    except BaseException:
+        stop_server(proc)
+        raise
+    return proc, S3(url, bucket, key["AccessKeyId"], key["SecretAccessKey"])
