@@ -14,14 +14,14 @@ import subprocess
 import sys
 import textwrap
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from nnbp.tracking import retry
 from nnbp.tracking.run import Run
-from tests.conftest import BIN, clean_env
+from tests.conftest import clean_env
+from tests.servers import start_server
 
 POINTS = 30
 WRITER = textwrap.dedent(
@@ -119,25 +119,7 @@ def test_a_store_locked_past_sqlites_timeout_is_retried_and_nothing_is_lost(
 
 def _server(store: Path, port: int) -> subprocess.Popen:
     """A real `mlflow server` on 127.0.0.1:``port`` over the SQLite file ``store``, healthy."""
-    proc = subprocess.Popen(
-        [
-            *(str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{store}"),
-            *("--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
-        ],
-        env=clean_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return proc
-        except OSError:
-            time.sleep(0.3)
-    os.killpg(proc.pid, signal.SIGKILL)
-    pytest.fail(f"mlflow server on port {port} did not come up")
+    return start_server(store.parent, f"sqlite:///{store}", port)[0]
 
 
 def _kill(proc: subprocess.Popen) -> None:

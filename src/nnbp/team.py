@@ -34,13 +34,23 @@ def _remote(repo: Any, name: str | None) -> Any:
         raise RemoteError(f"DVC remote: {first_line(e)} (see `dvc remote list`)") from None
 
 
-def check_remote(name: str | None = None) -> str:
-    """The DVC remote ``name`` (the default one if None), as ``'name' (url)``, once it answers:
-    its credentials are taken and its bucket or folder is there. ``RemoteError`` (one line)
-    otherwise."""
+def _repo() -> Any:
+    from dvc.exceptions import NotDvcRepoError
     from dvc.repo import Repo
 
-    with Repo() as repo:
+    try:
+        return Repo()
+    except NotDvcRepoError:
+        raise RemoteError(
+            "not inside a DVC repository: run this in a clone of the project"
+        ) from None
+
+
+def check_remote(name: str | None = None, outcome: str = "nothing was pushed") -> str:
+    """The DVC remote ``name`` (the default one if None), as ``'name' (url)``, once it answers:
+    its credentials are taken and its bucket or folder is there. ``RemoteError`` (one line,
+    ending in ``outcome``) otherwise."""
+    with _repo() as repo:
         remote = _remote(repo, name)
         fs, path = remote.fs, remote.path
         url = repo.config["remote"][remote.name].get("url", path)
@@ -53,19 +63,21 @@ def check_remote(name: str | None = None) -> str:
                 if not parent or parent == top:
                     raise RemoteError(
                         f"{label}: {fs.parts(path)[0]!r} does not exist (a bucket is made "
-                        "with the storage provider's tools); nothing was pushed"
+                        f"with the storage provider's tools); {outcome}"
                     )
                 top = parent
         except PermissionError as e:
+            where = (
+                f"set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or `dvc remote modify --local "
+                f"{remote.name} access_key_id ...`"
+                if str(url).startswith("s3://")
+                else f"see `dvc remote modify --local {remote.name} ...` for its credentials"
+            )
             raise RemoteError(
-                f"{label} refused the credentials ({first_line(e)}): set AWS_ACCESS_KEY_ID and "
-                f"AWS_SECRET_ACCESS_KEY, or `dvc remote modify --local {remote.name} "
-                "access_key_id ...`; nothing was pushed"
+                f"{label} refused the credentials ({first_line(e)}): {where}; {outcome}"
             ) from None
         except OSError as e:
-            raise RemoteError(
-                f"{label} cannot be used: {first_line(e)}; nothing was pushed"
-            ) from None
+            raise RemoteError(f"{label} cannot be used: {first_line(e)}; {outcome}") from None
     return label
 
 
@@ -115,9 +127,7 @@ def _outputs(ref: str) -> list[tuple[str, str]]:
 
 def missing_outputs(ref: str) -> list[str]:
     """The outputs of commit ``ref`` whose bytes are not in the local DVC cache."""
-    from dvc.repo import Repo
-
-    with Repo() as repo:
+    with _repo() as repo:
         cache = repo.cache.local
         missing = []
         for path, md5 in _outputs(ref):
@@ -141,7 +151,7 @@ def apply(git_remote: str, experiment: str) -> None:
     if not ref:
         raise RemoteError(f"git remote '{git_remote}' has no experiment {experiment!r}")
     if missing := missing_outputs(ref[0]):
-        label = check_remote()
+        label = check_remote(outcome="nothing was applied")
         raise RemoteError(
             f"experiment {experiment!r}'s outputs {', '.join(missing)} are not on {label} (its "
             "author pushed its ref without them; `nnbp-share` from the machine that ran it "
