@@ -200,6 +200,13 @@ def test_a_sweep_over_two_machines_reaches_the_reviewer_and_mlflow_once(team: Te
             assert run["outputs"]["model_outputs"], name  # the MLflow Model was logged
             digests = {i["dataset"]["digest"] for i in run["inputs"]["dataset_inputs"]}
             assert digests == {data_md5}, name  # the same data on every machine
+    # the UI's search box, as the README spells it
+    for machine in SLICES:
+        body["filter"] = f"tags.`nnbp.machine` = '{machine}'"
+        found = api.post("runs/search", body)["runs"]
+        expected_names = {n for n in names[machine] if n != seed_0}
+        assert {r["info"]["run_name"].split(" (")[1][:-1] for r in found} == expected_names
+        assert len(found) == len(CONFIGS) * len(expected_names)
     print(
         f"\nsweep of {len(listed)} experiments on 2 machines: {swept:.0f} s; "
         f"whole test {time.monotonic() - started:.0f} s"
