@@ -148,3 +148,15 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("workspace")
     make_workspace(root)
     return root
+
+
+@pytest.fixture(scope="module")
+def team_tracking(tmp_path_factory: pytest.TempPathFactory):
+    """The README's team MLflow server for a module: (its ``Server``, a member's environment)."""
+    from tests.servers import stop_server, team_server
+
+    proc, server, env = team_server(tmp_path_factory.mktemp("team-server"))
+    try:
+        yield server, env
+    finally:
+        stop_server(proc)

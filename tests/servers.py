@@ -1,9 +1,14 @@
-"""Real servers for the tests, on 127.0.0.1: `mlflow server` (as the README's team section runs
-it, or plain), `mlflow ui` as the README's Tracking section runs it, and what a test needs that
-the machine may lack (``missing``: skip, or fail under CI)."""
+"""Real servers for the tests, started as the README starts them, on 127.0.0.1 only: the team's
+MLflow tracking server (optionally behind MLflow's authentication app) and a client of its REST
+API; `mlflow ui` as the README's Tracking section runs it; the S3-compatible store a DVC remote
+points at (moto's server); and what a test needs that the machine may lack (``missing``: skip,
+or fail under CI).
+"""
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import secrets
 import signal
@@ -11,21 +16,21 @@ import socket
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.conftest import BIN, ROOT, clean_env
 
 HEALTH_TIMEOUT = 240  # seconds: the first start migrates the store (~30 s on PostgreSQL)
-ADMIN = "admin"  # admin_username in server/basic_auth.ini
-AUTH_CONFIG = ROOT / "server" / "basic_auth.ini"
 
 # No proxy for 127.0.0.1, whatever the environment says.
-http = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def free_port() -> int:
@@ -41,6 +46,13 @@ def missing(message: str) -> None:
     pytest.skip(message)
 
 
+# --- MLflow ----------------------------------------------------------------------------------
+
+
+ADMIN = "admin"  # admin_username in server/basic_auth.ini
+AUTH_CONFIG = ROOT / "server" / "basic_auth.ini"
+
+
 @dataclass
 class Server:
     url: str
@@ -50,8 +62,8 @@ class Server:
     admin_password: str
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """Stop a server and its workers: the process group it leads (start_new_session)."""
+def stop_server(proc: subprocess.Popen) -> None:
+    """Stop the server and its workers: the process group it leads (start_new_session)."""
     for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
         try:
             os.killpg(proc.pid, sig)
@@ -69,7 +81,7 @@ def serve(
 ) -> subprocess.Popen:
     """Start ``cmd`` in ``cwd`` (output to ``log_path``) and return once ``url``/health answers
     200; the test fails with the server's log if it exits or stays unhealthy. Stop it with
-    ``stop``."""
+    ``stop_server``."""
     start = time.monotonic()
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
@@ -85,7 +97,7 @@ def serve(
             if proc.poll() is not None:
                 pytest.fail(f"{what} exited {proc.returncode}:\n{log_path.read_text()[-3000:]}")
             try:
-                with http.open(f"{url}/health", timeout=5) as response:
+                with HTTP.open(f"{url}/health", timeout=5) as response:
                     if response.status == 200:
                         return proc
             except (OSError, urllib.error.URLError):
@@ -96,7 +108,7 @@ def serve(
                 )
             time.sleep(0.5)
     except BaseException:
-        stop(proc)
+        stop_server(proc)
         raise
 
 
@@ -104,7 +116,8 @@ def start_server(
     folder: Path, store: str, port: int | None = None, *, auth: bool = False
 ) -> tuple[subprocess.Popen, Server]:
     """`mlflow server` on 127.0.0.1 (a free port unless given), backed by ``store``, serving
-    artifacts from ``folder``/artifacts; returns once it answers /health. Stop it with ``stop``.
+    artifacts from ``folder``/artifacts; returns once it answers /health. ``stop_server`` stops
+    it.
 
     ``auth``: as the README starts the team server, `--app-name basic-auth` with the secrets in
     the environment only, the auth app's settings from server/basic_auth.ini, and the host check
@@ -140,3 +153,174 @@ def start_ui(repo: Path, log_folder: Path) -> tuple[subprocess.Popen, str]:
     cmd = [str(BIN / "mlflow"), "ui", "--host", "127.0.0.1", "--port", str(port)]
     proc = serve(cmd, repo, url, log_folder / "mlflow-ui.log", clean_env(), "mlflow ui")
     return proc, url
+
+
+class Api:
+    """The tracking server's REST API (/api/2.0/mlflow/...), as ``user`` with ``password``."""
+
+    def __init__(self, url: str, user: str | None = None, password: str | None = None) -> None:
+        self.url = url
+        self.headers = {}
+        if user is not None:
+            pair = base64.b64encode(f"{user}:{password}".encode()).decode()
+            self.headers["Authorization"] = f"Basic {pair}"
+
+    def request(
+        self, endpoint: str, body: dict | None = None, version: str = "2.0", **query: Any
+    ) -> urllib.request.Request:
+        q = urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
+        return urllib.request.Request(
+            f"{self.url}/api/{version}/mlflow/{endpoint}" + (f"?{q}" if q else ""),
+            data=None if body is None else json.dumps(body).encode(),
+            headers={**self.headers, "Content-Type": "application/json"},
+            method="GET" if body is None else "POST",
+        )
+
+    def status(self, request: urllib.request.Request) -> int:
+        """The HTTP status the server answers ``request`` with."""
+        try:
+            with HTTP.open(request, timeout=60) as response:
+                return response.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    def _call(self, request: urllib.request.Request) -> Any:
+        try:
+            with HTTP.open(request, timeout=60) as response:
+                body = response.read()
+        except urllib.error.HTTPError as e:
+            pytest.fail(f"{request.get_method()} {request.full_url}: {e.code} {e.read()[:500]!r}")
+        return json.loads(body) if body else {}
+
+    def get(self, endpoint: str, **query: Any) -> Any:
+        return self._call(self.request(endpoint, **query))
+
+    def post(self, endpoint: str, body: dict, version: str = "2.0") -> Any:
+        return self._call(self.request(endpoint, body, version))
+
+    def artifacts(self, run_id: str, path: str | None = None) -> dict[str, dict]:
+        files = self.get("artifacts/list", run_id=run_id, path=path).get("files", [])
+        return {f["path"]: f for f in files}
+
+    def download(self, artifact_uri: str, path: str) -> bytes:
+        """An artifact's bytes, through the proxied artifact service (mlflow-artifacts:/...)."""
+        where = artifact_uri.removeprefix("mlflow-artifacts:/").strip("/")
+        request = urllib.request.Request(
+            f"{self.url}/api/2.0/mlflow-artifacts/artifacts/{where}/{path}", headers=self.headers
+        )
+        with HTTP.open(request, timeout=60) as response:
+            return response.read()
+
+
+def add_member(server: Server, user: str) -> tuple[str, str]:
+    """A team member's account, created by the admin as the README shows (users/create)."""
+    password = secrets.token_urlsafe(15)
+    admin = Api(server.url, ADMIN, server.admin_password)
+    admin.post("users/create", {"username": user, "password": password})
+    return user, password
+
+
+def all_runs(api: Api) -> list[str]:
+    experiments = api.get("experiments/search", max_results=1000).get("experiments", [])
+    ids = [e["experiment_id"] for e in experiments]
+    found = api.post("runs/search", {"experiment_ids": ids, "max_results": 1000})
+    return sorted(r["info"]["run_id"] for r in found.get("runs", []))
+
+
+def member_env(user: str, password: str, url: str) -> dict[str, str]:
+    """A member's environment for the pipeline (the README's client setup)."""
+    return clean_env(
+        MLFLOW_TRACKING_URI=url,
+        MLFLOW_TRACKING_USERNAME=user,
+        MLFLOW_TRACKING_PASSWORD=password,
+        NNBP_TRACKING="on",
+    )
+
+
+def team_server(folder: Path) -> tuple[subprocess.Popen, Server, dict[str, str]]:
+    """The README's team server (SQLite-backed, `start_server(auth=True)`) and a member's
+    environment for the pipeline (``member_env``) with an account that may log runs."""
+    proc, server = start_server(folder, f"sqlite:///{folder / 'mlflow.db'}", auth=True)
+    try:
+        user, password = add_member(server, "alice")
+        return proc, server, member_env(user, password, server.url)
+    except BaseException:
+        stop_server(proc)
+        raise
+
+
+# --- an S3-compatible store: moto's server ----------------------------------------------
+
+
+@dataclass
+class S3:
+    url: str  # the endpoint, DVC's `endpointurl`
+    bucket: str
+    key_id: str  # a user's access key, allowed everything on S3
+    secret: str
+
+    def env(self, secret: str | None = None) -> dict[str, str]:
+        """The credentials as DVC's S3 client reads them from the environment."""
+        return {
+            "AWS_ACCESS_KEY_ID": self.key_id,
+            "AWS_SECRET_ACCESS_KEY": self.secret if secret is None else secret,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
+
+# The set-up makes exactly these many requests (user, its key, its policy, the bucket); moto
+# checks credentials and signatures from the next one on, as a real S3 store does.
+S3_SETUP_ACTIONS = 4
+
+
+def start_s3_server(folder: Path, bucket: str = "tp5-dvc") -> tuple[subprocess.Popen, S3]:
+    """moto's S3 server on 127.0.0.1 with a bucket and one user's access key; requests signed
+    with anything else are refused (403). ``stop_server`` stops it."""
+    import boto3
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = clean_env(INITIAL_NO_AUTH_ACTION_COUNT=str(S3_SETUP_ACTIONS))
+    log_path = folder / "s3.log"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+            cwd=folder,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"moto_server exited {proc.returncode}: {log_path.read_text()[-2000:]}")
+            try:
+                with HTTP.open(f"{url}/moto-api/", timeout=5) as response:  # counts no action
+                    if response.status == 200:
+                        break
+            except (OSError, urllib.error.URLError):
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"moto_server not up after 60 s: {log_path.read_text()[-2000:]}")
+            time.sleep(0.3)
+        setup = {
+            "endpoint_url": url,
+            "region_name": "us-east-1",
+            "aws_access_key_id": "setup",
+            "aws_secret_access_key": "setup",
+        }
+        iam = boto3.client("iam", **setup)
+        iam.create_user(UserName="team")
+        key = iam.create_access_key(UserName="team")["AccessKey"]
+        policy = {
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}],
+        }
+        iam.put_user_policy(UserName="team", PolicyName="s3", PolicyDocument=json.dumps(policy))
+        boto3.client("s3", **setup).create_bucket(Bucket=bucket)
+    except BaseException:
+        stop_server(proc)
+        raise
+    return proc, S3(url, bucket, key["AccessKeyId"], key["SecretAccessKey"])

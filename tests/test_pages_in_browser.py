@@ -22,7 +22,7 @@ from nnbp.config import read_yaml
 from nnbp.files import file_md5
 from tests.browser import chromium, screenshot
 from tests.conftest import BIN, ROOT, clean_env, copy_repo, dvc, run
-from tests.servers import start_ui, stop
+from tests.servers import start_ui, stop_server
 
 ITERS, LOG_EVERY = 60, 10
 CONFIGS = ("h25", "h100", "h100_l2")
@@ -198,7 +198,7 @@ def ui(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     try:
         yield url
     finally:
-        stop(proc)
+        stop_server(proc)
 
 
 def test_mlflow_ui_shows_what_the_readme_says(browser: Any, repo: Path, ui: str) -> None:

@@ -9,10 +9,8 @@ on 127.0.0.1 only. Without PostgreSQL the test is skipped, except under CI=true 
 
 from __future__ import annotations
 
-import base64
 import json
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -26,7 +24,6 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import mlflow
 import numpy as np
@@ -39,13 +36,21 @@ from nnbp.files import file_md5
 from nnbp.tracking.store import EXPERIMENT
 from tests.conftest import BIN, clean_env, copy_repo, dvc
 from tests.errors_helpers import write_params
-from tests.servers import ADMIN, Server, free_port, http, missing, start_server, stop
+from tests.servers import (
+    ADMIN,
+    Api,
+    Server,
+    add_member,
+    all_runs,
+    free_port,
+    member_env,
+    missing,
+    start_server,
+    stop_server,
+)
 
 PG_DEFAULT_BIN = Path("/usr/lib/postgresql/15/bin")  # Debian's postgresql-15
 ITERS, LOG_EVERY = 20, 10
-
-
-# --- PostgreSQL ----------------------------------------------------------------------------
 
 
 def _pg_bin() -> Path | None:
@@ -186,89 +191,7 @@ def mlflow_server(request, tmp_path_factory) -> Iterator[Server]:
     try:
         yield server
     finally:
-        stop(proc)
-
-
-class Api:
-    """The tracking server's REST API (/api/2.0/mlflow/...), as ``user`` with ``password``."""
-
-    def __init__(self, url: str, user: str | None = None, password: str | None = None) -> None:
-        self.url = url
-        self.headers = {}
-        if user is not None:
-            pair = base64.b64encode(f"{user}:{password}".encode()).decode()
-            self.headers["Authorization"] = f"Basic {pair}"
-
-    def request(
-        self, endpoint: str, body: dict | None = None, version: str = "2.0", **query: Any
-    ) -> urllib.request.Request:
-        q = urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
-        return urllib.request.Request(
-            f"{self.url}/api/{version}/mlflow/{endpoint}" + (f"?{q}" if q else ""),
-            data=None if body is None else json.dumps(body).encode(),
-            headers={**self.headers, "Content-Type": "application/json"},
-            method="GET" if body is None else "POST",
-        )
-
-    def status(self, request: urllib.request.Request) -> int:
-        """The HTTP status the server answers ``request`` with."""
-        try:
-            with http.open(request, timeout=60) as response:
-                return response.status
-        except urllib.error.HTTPError as e:
-            return e.code
-
-    def _call(self, request: urllib.request.Request) -> Any:
-        try:
-            with http.open(request, timeout=60) as response:
-                body = response.read()
-        except urllib.error.HTTPError as e:
-            pytest.fail(f"{request.get_method()} {request.full_url}: {e.code} {e.read()[:500]!r}")
-        return json.loads(body) if body else {}
-
-    def get(self, endpoint: str, **query: Any) -> Any:
-        return self._call(self.request(endpoint, **query))
-
-    def post(self, endpoint: str, body: dict, version: str = "2.0") -> Any:
-        return self._call(self.request(endpoint, body, version))
-
-    def artifacts(self, run_id: str, path: str | None = None) -> dict[str, dict]:
-        files = self.get("artifacts/list", run_id=run_id, path=path).get("files", [])
-        return {f["path"]: f for f in files}
-
-    def download(self, artifact_uri: str, path: str) -> bytes:
-        """An artifact's bytes, through the proxied artifact service (mlflow-artifacts:/...)."""
-        where = artifact_uri.removeprefix("mlflow-artifacts:/").strip("/")
-        request = urllib.request.Request(
-            f"{self.url}/api/2.0/mlflow-artifacts/artifacts/{where}/{path}", headers=self.headers
-        )
-        with http.open(request, timeout=60) as response:
-            return response.read()
-
-
-def _member(server: Server, user: str) -> tuple[str, str]:
-    """A team member's account, created by the admin as the README shows (users/create)."""
-    password = secrets.token_urlsafe(15)
-    admin = Api(server.url, ADMIN, server.admin_password)
-    admin.post("users/create", {"username": user, "password": password})
-    return user, password
-
-
-def _all_runs(api: Api) -> list[str]:
-    experiments = api.get("experiments/search", max_results=1000).get("experiments", [])
-    ids = [e["experiment_id"] for e in experiments]
-    found = api.post("runs/search", {"experiment_ids": ids, "max_results": 1000})
-    return sorted(r["info"]["run_id"] for r in found.get("runs", []))
-
-
-def _credentials(user: str, password: str, url: str) -> dict[str, str]:
-    """A member's environment for the pipeline (the README's client setup)."""
-    return clean_env(
-        MLFLOW_TRACKING_URI=url,
-        MLFLOW_TRACKING_USERNAME=user,
-        MLFLOW_TRACKING_PASSWORD=password,
-        NNBP_TRACKING="on",
-    )
+        stop_server(proc)
 
 
 @pytest.mark.slow
@@ -297,10 +220,10 @@ def test_pipeline_logs_every_configuration_to_the_team_server(mlflow_server, tmp
     repo = copy_repo(tmp_path / "repo", iters=ITERS, log_every=LOG_EVERY)
     params = read_yaml(repo / "params.yaml")
     configs = params["configs"]
-    user, password = _member(server, "alice")
+    user, password = add_member(server, "alice")
 
     started = time.monotonic()
-    dvc(repo, "repro", env=_credentials(user, password, server.url))
+    dvc(repo, "repro", env=member_env(user, password, server.url))
     pipeline_seconds = time.monotonic() - started
     assert not (repo / "mlflow.db").exists(), "runs went to the local store, not the server"
 
@@ -412,7 +335,7 @@ def test_pipeline_logs_every_configuration_to_the_team_server(mlflow_server, tmp
     # Another member may read the experiment (default_permission READ), not log to it, until
     # the admin grants EDIT as the README shows.
     experiment_id = experiment["experiment_id"]
-    bob = Api(server.url, *_member(server, "bob"))
+    bob = Api(server.url, *add_member(server, "bob"))
     create = {"experiment_id": experiment_id, "run_name": "bob's"}
     assert bob.status(bob.request("experiments/get", experiment_id=experiment_id)) == 200
     assert bob.status(bob.request("runs/create", create)) == 403
@@ -431,15 +354,15 @@ def test_wrong_password_fails_before_training_in_one_line_leaving_the_outputs(
     mlflow_server, prepared_repo
 ):
     server = mlflow_server
-    user, password = _member(server, "carol")
+    user, password = add_member(server, "carol")
     out = f"out-wrong-password-{server.backend}"
     result, _ = _train(prepared_repo, out, ITERS, NNBP_TRACKING="off")  # previous outputs
     assert result.returncode == 0, result.stderr
     before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (prepared_repo / out).iterdir()}
     admin = Api(server.url, ADMIN, server.admin_password)
-    runs_before = _all_runs(admin)
+    runs_before = all_runs(admin)
 
-    env = _credentials(user, password + "-wrong", server.url)
+    env = member_env(user, password + "-wrong", server.url)
     result, seconds = _train(prepared_repo, out, LONG, **{k: env[k] for k in WITH_CREDENTIALS})
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
@@ -450,7 +373,7 @@ def test_wrong_password_fails_before_training_in_one_line_leaving_the_outputs(
     assert seconds < FAST, f"took {seconds:.1f} s"  # LONG iterations: it did not train
     after = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (prepared_repo / out).iterdir()}
     assert after == before
-    assert _all_runs(admin) == runs_before  # no run was opened
+    assert all_runs(admin) == runs_before  # no run was opened
 
 
 # --- tracking problems fail at once --------------------------------------------------------
@@ -613,14 +536,14 @@ def test_a_run_left_running_by_a_dead_server_is_closed_by_the_next_run(prepared_
             assert time.monotonic() < deadline, "training did not start in time"
             time.sleep(0.2)
         (orphan,) = _server_runs(db)
-        stop(server_proc)  # the server dies mid-run
+        stop_server(server_proc)  # the server dies mid-run
         first = training.stderr.readline()  # the stage reports the failure and trains on
         training.send_signal(signal.SIGTERM)  # ... and ends while the server is still down
         _, rest = training.communicate(timeout=180)
     finally:
         if training.poll() is None:
             training.kill()
-        stop(server_proc)
+        stop_server(server_proc)
     assert first.startswith("warning: MLflow logging failed ("), first
     assert f"warning: MLflow run h25 ({orphan}) is incomplete: could not send " in rest, rest
     assert "so it shows RUNNING until the next training run" in rest
@@ -632,7 +555,7 @@ def test_a_run_left_running_by_a_dead_server_is_closed_by_the_next_run(prepared_
         result, _ = _train(prepared_repo, "out-next", ITERS, **env)
         runs = _server_runs(db)
     finally:
-        stop(server_proc)
+        stop_server(server_proc)
     assert result.returncode == 0, result.stderr
     assert "note: closed MLflow run 'h25 " in result.stdout  # its name adds how it was run
     assert f"({orphan[:8]}) as FAILED" in result.stdout

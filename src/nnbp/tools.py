@@ -3,6 +3,8 @@
 nnbp-gate                       # reports/metrics.json against the metrics committed at HEAD
 nnbp-gate --baseline-ref main   # in a pull request
 nnbp-close-orphans              # close the MLflow runs whose process is gone
+nnbp-share origin               # dvc exp push, once the DVC remote answers
+nnbp-apply origin NAME          # dvc exp pull + dvc exp apply, only if NAME's outputs arrived
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from . import config
+from . import config, team
 from .artifacts import load_metrics
 from .cli import Stage, user_errors
 from .gate import metrics_at_ref, run_gate
@@ -129,12 +131,13 @@ def gate(
 def close_orphans() -> None:
     """Close the MLflow runs left RUNNING by a training process that is gone.
 
-    A run whose process was killed (kill -9, out of memory) or that could not be closed because
-    the store was unreachable at the time stays RUNNING. Every training run closes such orphans
-    when it starts; this does the same on demand, in the store training would use
-    (MLFLOW_TRACKING_URI or the project's mlflow.db): every RUNNING run of this host whose
-    process no longer exists is closed as FAILED, with a tag saying why. Runs of other hosts,
-    and of processes still running, are left alone. One line per closed run."""
+    A run whose process was killed (kill -9, out of memory, a machine that died) or that could
+    not be closed because the store was unreachable at the time stays RUNNING. Every training
+    run closes such orphans when it starts; this does the same on demand, in the store training
+    would use (MLFLOW_TRACKING_URI or the project's mlflow.db): every RUNNING run of this host
+    whose process no longer exists, and every run of another host whose heartbeat is older than
+    NNBP_HEARTBEAT_TIMEOUT seconds (600), is closed as FAILED, with a tag saying why. Runs still
+    training are left alone. One line per closed run."""
     result = close_orphan_runs()
     if result is None:
         click.echo(f"tracking is off ({OPT_OUT}=off): no store to look at")
@@ -144,3 +147,28 @@ def close_orphans() -> None:
         click.echo(orphan_note(orphan))
     if not closed:
         click.echo(f"{uri}: no orphaned run")
+
+
+@click.command(cls=Stage)
+@click.option("-r", "--remote", help="The DVC remote for the outputs [default: the default one].")
+@click.argument("git_remote")
+@click.argument("experiments", nargs=-1)
+@user_errors
+def share(remote: str | None, git_remote: str, experiments: tuple[str, ...]) -> None:
+    """Push experiments (all of the current commit's when none is named) to GIT_REMOTE and
+    their outputs to the DVC remote: `dvc exp push`, once the DVC remote has answered, so that
+    refused credentials or a missing bucket stop it in one line before any ref is pushed."""
+    label = team.share(git_remote, list(experiments), remote)
+    click.echo(f"shared through git remote '{git_remote}' and {label}")
+
+
+@click.command(cls=Stage)
+@click.argument("git_remote")
+@click.argument("experiment")
+@user_errors
+def apply(git_remote: str, experiment: str) -> None:
+    """Pull EXPERIMENT from GIT_REMOTE with its outputs (from the DVC remote) and apply it to
+    the workspace, only once every output has arrived; otherwise one line, and the workspace is
+    left as it was."""
+    team.apply(git_remote, experiment)
+    click.echo(f"applied experiment {experiment}: its params, metrics and outputs are here")

@@ -1,8 +1,9 @@
-"""Orphaned MLflow runs: a run left RUNNING by a process that is gone (``kill -9``, a store that
-was down when the run ended). Each run records its host and process (tags ``nnbp.host``,
-``nnbp.pid``, ``nnbp.process``); a process on the same host can then tell an orphan from a run
-still training, and close it as FAILED (every run does so as it starts, and ``nnbp-close-orphans``
-on demand).
+"""Orphaned MLflow runs: a run left RUNNING by a process that is gone (``kill -9``, a machine
+that died, a store that was down when the run ended). Each run records its host and process
+(tags ``nnbp.host``, ``nnbp.pid``, ``nnbp.process``) and keeps a heartbeat (``heartbeat``). A
+process on the same host tells an orphan from a run still training by its pid; from any other
+machine, by a heartbeat older than the timeout. Either closes it as FAILED, saying why (every run
+does so as it starts, and ``nnbp-close-orphans`` on demand).
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import first_line
+from .heartbeat import HEARTBEAT_TAG, MACHINE_TAG, last_beat, machine, now_ms, timeout
 
-PROCESS_TAGS = ("nnbp.host", "nnbp.pid", "nnbp.process")
+PROCESS_TAGS = ("nnbp.host", "nnbp.pid", "nnbp.process", MACHINE_TAG, HEARTBEAT_TAG)
 
 
 def _read(path: str) -> str | None:
@@ -44,12 +46,18 @@ def _pid_namespace() -> str | None:
 def process_tags() -> dict[str, str]:
     """Tags naming this process so that another one can later tell whether it still runs: its
     host and pid, and (on Linux) its boot, pid namespace and start time, which tell a pid
-    reused after a reboot or by another container apart."""
+    reused after a reboot or by another container apart; its machine, and a first heartbeat."""
     pid = os.getpid()
     token = {"boot": _read("/proc/sys/kernel/random/boot_id"), "pidns": _pid_namespace()}
     token["start"] = _started(pid)
     process = " ".join(f"{k}={v}" for k, v in token.items() if v)
-    return {"nnbp.host": socket.gethostname(), "nnbp.pid": str(pid), "nnbp.process": process}
+    return {
+        "nnbp.host": socket.gethostname(),
+        "nnbp.pid": str(pid),
+        "nnbp.process": process,
+        MACHINE_TAG: machine(),
+        HEARTBEAT_TAG: str(now_ms()),
+    }
 
 
 def process_alive(tags: Mapping[str, str]) -> bool | None:
@@ -80,11 +88,35 @@ class Orphan:
     name: str
     host: str
     pid: str
+    machine: str = "?"
+    silent: float | None = None  # seconds without a heartbeat; None: its process is gone
 
 
-def close_orphans(client: Any, experiment_id: str, by: str) -> list[Orphan]:
-    """Close as FAILED every RUNNING run of ``experiment_id`` whose process is gone (this host
-    only); its end time is its last logged metric, a tag says what happened."""
+def _why(tags: Mapping[str, str], stale_after: float, now: int) -> tuple[str, float | None] | None:
+    """Why a RUNNING run is an orphan (and its heartbeat's age, if that tells), or None if it
+    may still be training: its process, when this host can see it; else its heartbeat."""
+    alive = process_alive(tags)
+    where = f"process {tags.get('nnbp.pid', '?')} on {tags.get('nnbp.host', '?')}"
+    if alive is False:
+        return (
+            f"{where} ended without closing this run (killed, or the store was unreachable)",
+            None,
+        )
+    beat = last_beat(tags)
+    if alive is None and beat is not None and (now - beat) / 1000 > stale_after:
+        silent = (now - beat) / 1000
+        return (
+            f"no heartbeat from machine {tags.get(MACHINE_TAG, '?')} ({where}) for "
+            f"{silent:.0f} s, more than the {stale_after:g} s allowed (NNBP_HEARTBEAT_TIMEOUT): "
+            "its machine died or lost the store"
+        ), silent
+    return None
+
+
+def close_orphans(client: Any, experiment_id: str, by: str, stale_after: float) -> list[Orphan]:
+    """Close as FAILED every RUNNING run of ``experiment_id`` whose process is gone (this host)
+    or whose heartbeat is older than ``stale_after`` seconds (another host); its end time is its
+    last sign of life, the tag ``nnbp.orphaned`` says what happened."""
     closed, token = [], None
     while True:
         page = client.search_runs(
@@ -92,16 +124,21 @@ def close_orphans(client: Any, experiment_id: str, by: str) -> list[Orphan]:
         )
         for run in page:
             tags = run.data.tags
-            if process_alive(tags) is not False:
+            found = _why(tags, stale_after, now_ms())
+            if found is None:
                 continue
-            orphan = Orphan(run.info.run_id, run.info.run_name, tags["nnbp.host"], tags["nnbp.pid"])
-            stamps = [m.timestamp for m in client.get_metric_history(orphan.run_id, "loss")]
-            end = max([run.info.start_time or 0, *stamps]) or None
-            why = (
-                f"process {orphan.pid} on {orphan.host} ended without closing this run "
-                f"(killed, or the store was unreachable); closed as FAILED by {by}"
+            why, silent = found
+            orphan = Orphan(
+                run.info.run_id,
+                run.info.run_name,
+                tags.get("nnbp.host", "?"),
+                tags.get("nnbp.pid", "?"),
+                tags.get(MACHINE_TAG, "?"),
+                silent,
             )
-            client.set_tag(orphan.run_id, "nnbp.orphaned", why)
+            stamps = [m.timestamp for m in client.get_metric_history(orphan.run_id, "loss")]
+            end = max([run.info.start_time or 0, last_beat(tags) or 0, *stamps]) or None
+            client.set_tag(orphan.run_id, "nnbp.orphaned", f"{why}; closed as FAILED by {by}")
             client.set_terminated(orphan.run_id, "FAILED", end_time=end)
             closed.append(orphan)
         token = page.token
@@ -110,10 +147,12 @@ def close_orphans(client: Any, experiment_id: str, by: str) -> list[Orphan]:
 
 
 def orphan_note(orphan: Orphan) -> str:
-    return (
-        f"note: closed MLflow run '{orphan.name}' ({orphan.run_id[:8]}) as FAILED: its process "
-        f"{orphan.pid} on {orphan.host} is gone"
-    )
+    what = f"its process {orphan.pid} on {orphan.host}"
+    if orphan.silent is None:
+        why = f"{what} is gone"
+    else:
+        why = f"no heartbeat from machine {orphan.machine} ({what}) for {orphan.silent:.0f} s"
+    return f"note: closed MLflow run '{orphan.name}' ({orphan.run_id[:8]}) as FAILED: {why}"
 
 
 def close_orphan_runs() -> tuple[str, list[Orphan]] | None:
@@ -124,11 +163,14 @@ def close_orphan_runs() -> tuple[str, list[Orphan]] | None:
     uri = tracking_uri()
     if uri is None:
         return None
+    stale_after = timeout()  # a bad NNBP_HEARTBEAT_TIMEOUT is one line before any request
     check_store(uri)
     try:
         client, experiment_id = find_experiment(uri)
         if experiment_id is None:
             return uri, []
-        return uri, close_orphans(client, experiment_id, "nnbp-close-orphans")
+        return uri, close_orphans(
+            client, experiment_id, f"nnbp-close-orphans on {machine()}", stale_after
+        )
     except Exception as e:
         raise TrackingError(f"MLflow store {uri} cannot be used: {first_line(e)}") from None

@@ -5,8 +5,8 @@ which takes the same calls and does nothing.
 Tracking never costs a training result: the store is checked before training starts; a
 transient store error is retried (``retry``); if live logging still fails, training goes on, the
 run keeps its whole history and sends it again when it ends, and whatever still cannot be sent is
-named in one line. A run records its process (``orphans``) so that it is never left RUNNING for
-good.
+named in one line. A run records its process and keeps a heartbeat (``orphans``, ``heartbeat``)
+so that it is never left RUNNING for good, whichever machine it ran on.
 
 What a run holds: the hyperparameters, the training and test sets as dataset inputs, the loss and
 accuracies at every log point, figures and history as artifacts, and the trained network as an
@@ -36,6 +36,7 @@ from ..backprop import LogPoint
 from ..config import Training
 from ..errors import first_line
 from ..files import file_md5
+from .heartbeat import Heartbeat, interval, machine, timeout
 from .orphans import close_orphans, orphan_note, process_tags
 from .retry import retrying
 from .store import TrackingError, check_store, git, open_experiment, tracking_uri
@@ -153,6 +154,7 @@ class Run:
         self._live = True  # False once live logging gave up: the rest waits for end()
         self._unsent: list[str] = []  # what end() could not deliver either
         self._logging = threading.Lock()  # training and the system metrics' thread both log
+        self._heartbeat: Heartbeat | None = None
 
     @classmethod
     def start(
@@ -166,10 +168,11 @@ class Run:
         uri = tracking_uri()
         if uri is None:
             return NullRun()
+        beat_every, stale_after = interval(), timeout()  # bad settings: one line, no request
         check_store(uri)
         try:
             client, experiment_id = open_experiment(uri)
-            _close_orphans_before(client, experiment_id, name)
+            _close_orphans_before(client, experiment_id, name, stale_after)
             all_tags = {
                 "git_commit": git("rev-parse", "HEAD") or "unknown",
                 "mlflow.source.name": "dvc.yaml",
@@ -194,7 +197,9 @@ class Run:
                 raise
         except Exception as e:
             raise TrackingError(f"MLflow store {uri} cannot be used: {first_line(e)}") from None
-        return cls(client, run.info.run_id, name, uri)
+        started = cls(client, run.info.run_id, name, uri)
+        started._heartbeat = Heartbeat(client, run.info.run_id, beat_every)
+        return started
 
     def __enter__(self) -> Run:
         return self
@@ -335,6 +340,8 @@ class Run:
         """Close the run as FINISHED, FAILED or KILLED, after resending the whole metric history
         if live logging broke (identical points are stored once, so this cannot duplicate).
         Whatever still cannot be sent is named in one warning line."""
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
         if not self._live:
             for i in range(0, len(self._history), BATCH):
                 chunk = self._history[i : i + BATCH]
@@ -355,11 +362,11 @@ class Run:
             )
 
 
-def _close_orphans_before(client: Any, experiment_id: str, name: str) -> None:
+def _close_orphans_before(client: Any, experiment_id: str, name: str, stale_after: float) -> None:
     """``close_orphans`` as a run starts; a failure there never stops the training."""
-    by = f"the next run ({os.environ.get('DVC_STAGE') or name})"
+    by = f"the next run ({os.environ.get('DVC_STAGE') or name}) on {machine()}"
     try:
-        for orphan in close_orphans(client, experiment_id, by):
+        for orphan in close_orphans(client, experiment_id, by, stale_after):
             print(orphan_note(orphan))
     except Exception as e:
         print(f"warning: MLflow: orphaned runs not checked ({first_line(e)})", file=sys.stderr)
