@@ -15,12 +15,14 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 PREFIX = "system/"
 SAMPLING_SECONDS = 2.0  # MLflow's default is 10 s: a default run trains for 10 to 25 s
 SAMPLES_PER_POINT = 1
+MIN_STRETCH_SECONDS = 0.5
 
 
 def _monitors() -> list[Any]:
@@ -74,6 +76,7 @@ def sampling(
     done = threading.Event()
     step = 0
     samples = 0
+    last = time.monotonic()  # of the last sample (or the priming reading)
 
     def publish() -> None:
         nonlocal step, samples
@@ -87,10 +90,10 @@ def sampling(
         step, samples = step + 1, 0
 
     def sample() -> None:
-        nonlocal samples
+        nonlocal samples, last
         for monitor in monitors:
             monitor.collect_metrics()
-        samples += 1
+        samples, last = samples + 1, time.monotonic()
 
     def loop() -> None:
         while not done.wait(interval):
@@ -105,5 +108,8 @@ def sampling(
     finally:
         done.set()
         thread.join()
-        sample()  # the stretch since the last sample
+        # The stretch since the last sample, unless it is too short to measure a CPU share
+        # (psutil reads 0 % over a few milliseconds).
+        if time.monotonic() - last >= MIN_STRETCH_SECONDS or step + samples == 0:
+            sample()
         publish()
