@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -73,8 +74,14 @@ def _server(folder: Path) -> tuple[subprocess.Popen, str]:
                 return proc, url
         except OSError:
             time.sleep(0.5)
-    proc.kill()
+    _stop(proc)
     sys.exit("mlflow server did not start")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """The server and its workers (uvicorn, the job runner, its consumers): its process group."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def main() -> None:
@@ -93,33 +100,35 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="nnbp-logging-") as tmp:
         folder = Path(tmp)
         data: Prepared = _prepared(folder)
+        os.chdir(folder)
+        # Every training first, with no server alive: its workers would take CPU from them.
+        trained = []
+        for name in args.configs:
+            base = config.Training.read(config.read(f"train@{name}"), name)
+            for every in args.every:
+                training = base.model_copy(update={"log_every": every})
+                points: list = []
+                started = time.perf_counter()
+                train(training, data, points.append, threads="auto")
+                trained.append((name, every, points, time.perf_counter() - started))
         server, url = _server(folder)
         stores = {"sqlite": f"sqlite:///{folder / 'mlflow.db'}", "http": url}
         print(f"{'config':<8}{'log_every':>10}{'points':>8}{'train s':>9}", end="")
         print("".join(f"{name + ' log s':>13}" for name in stores))
         try:
-            os.chdir(folder)
-            for name in args.configs:
-                base = config.Training.read(config.read(f"train@{name}"), name)
-                for every in args.every:
-                    training = base.model_copy(update={"log_every": every})
-                    points: list = []
-                    started = time.perf_counter()
-                    train(training, data, points.append, threads="auto")
-                    seconds = time.perf_counter() - started
-                    print(f"{name:<8}{every:>10}{len(points):>8}{seconds:>9.2f}", end="")
-                    for store in stores.values():
-                        os.environ["MLFLOW_TRACKING_URI"] = store
-                        with Run.start(name, {"log_every": every}) as run:
-                            started = time.perf_counter()
-                            for point in points:
-                                run.log_point(point)
-                            logged = time.perf_counter() - started
-                        print(f"{logged:>13.2f}", end="")
-                    print(flush=True)
+            for name, every, points, seconds in trained:
+                print(f"{name:<8}{every:>10}{len(points):>8}{seconds:>9.2f}", end="")
+                for store in stores.values():
+                    os.environ["MLFLOW_TRACKING_URI"] = store
+                    with Run.start(name, {"log_every": every}) as run:
+                        started = time.perf_counter()
+                        for point in points:
+                            run.log_point(point)
+                        logged = time.perf_counter() - started
+                    print(f"{logged:>13.2f}", end="")
+                print(flush=True)
         finally:
-            server.kill()
-            server.wait()
+            _stop(server)
 
 
 if __name__ == "__main__":
