@@ -153,7 +153,8 @@ class Run:
         self._history: list[Any] = []  # every metric logged, with its timestamp, in order
         self._live = True  # False once live logging gave up: the rest waits for end()
         self._unsent: list[str] = []  # what end() could not deliver either
-        self._logging = threading.Lock()  # training and the system metrics' thread both log
+        self._logging = threading.RLock()  # training and the system metrics thread both log; a
+        # signal handler ending the run may interrupt the main thread inside log_metrics
         self._heartbeat: Heartbeat | None = None
 
     @classmethod
