@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from nnbp.backprop import fit, init_weights, one_hot, sigmoid, zscore
+from nnbp.backprop import fit, init_weights, sigmoid
+from nnbp.labdata import one_hot, zscore
 from nnbp.lab import lab_train
 
 SIZES = [400, 100, 10]

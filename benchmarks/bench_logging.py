@@ -8,7 +8,7 @@ Run from the repository root (it works in a temporary folder; the workspace is n
     python benchmarks/bench_logging.py --configs h25 --every 500 10
 
 Training is ``nnbp.training.train`` with a callback that keeps the points (what the stage does
-besides MLflow); logging replays those points through ``nnbp.tracking.run.Run.log_point``, one
+besides MLflow); logging replays those points through ``nnbp.tooling.tracking.run.Run.log_point``, one
 call per point as the stage makes them live, into a fresh run. Wall seconds of one run each;
 the load average is printed first (say whether the machine was quiet).
 """
@@ -94,7 +94,7 @@ def main() -> None:
 
     from nnbp import config
     from nnbp.artifacts import Prepared
-    from nnbp.tracking.run import Run
+    from nnbp.tooling.tracking.run import Run
     from nnbp.training import train
 
     with tempfile.TemporaryDirectory(prefix="nnbp-logging-") as tmp:

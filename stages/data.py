@@ -10,15 +10,14 @@ training examples and the rest for testing (shuffled with ``data.split_seed``).
 import click
 
 from nnbp import config, datasets
-from nnbp.cli import Stage, path_option, user_errors
 from nnbp.files import save_npz
+from nnbp.tooling.cli import Stage, path_option
 
 
 @click.command(cls=Stage)
 @path_option("--out", "data/digits.npz")
-@user_errors
 def main(out: str) -> None:
-    data = config.EmbeddedData.read(config.read("data"))
+    data = config.Data.read(config.read("data"))
     arrays = datasets.load(data.source, data.n_train, data.split_seed)
     save_npz(out, **arrays)
     side = datasets.SIDE[data.source]

@@ -10,10 +10,10 @@ import click
 
 from nnbp import config, reports
 from nnbp.artifacts import Prepared, load_models
-from nnbp.cli import Stage, path_option, user_errors
 from nnbp.evaluation import evaluate
 from nnbp.files import atomic_paths, write_json, write_text
 from nnbp.parallel import Pool, thread_count
+from nnbp.tooling.cli import Stage, path_option
 
 
 @click.command(cls=Stage)
@@ -22,21 +22,19 @@ from nnbp.parallel import Pool, thread_count
 @path_option("--metrics", "reports/metrics.json", dest="metrics_path")
 @path_option("--table", "reports/results.md", dest="table_path")
 @path_option("--confusion", "reports/confusion.json", dest="confusion_path")
-@user_errors
 def main(
     prepared: str, models_dir: str, metrics_path: str, table_path: str, confusion_path: str
 ) -> None:
     threads = config.Runtime.read(config.read("evaluate")).threads
     data = Prepared.load(prepared)
     models = load_models(models_dir, features=data.features, classes=data.classes)
-    most = max(model.blocks for model in models.values())
+    most = max(model.hyper["blocks"] for model in models.values())
     with Pool(thread_count(threads, most)) as pool:
         results = {name: evaluate(model, data, pool.map) for name, model in models.items()}
-    metrics = {name: result.metrics for name, result in results.items()}
-    for name, m in metrics.items():
-        click.echo(
-            f"{name}: train {m['train_acc']:.2f}%, test {m['test_acc']:.2f}%, loss {m['loss']:.4f}"
-        )
+    metrics = {name: result.scores.metrics() for name, result in results.items()}
+    for name, r in results.items():
+        s = r.scores
+        click.echo(f"{name}: train {s.train_acc:.2f}%, test {s.test_acc:.2f}%, loss {s.loss:.4f}")
     n_train, n_test = data.X_train.shape[1], data.X_test.shape[1]
     with atomic_paths(confusion_path, table_path, metrics_path) as (confusion, table, metrics_tmp):
         write_json(confusion, {name: r.confusion.tolist() for name, r in results.items()})

@@ -7,14 +7,13 @@ from the copies that the pip package django-js-lib-vega-embed installs (``nnbp.p
 
 import click
 
-from nnbp.cli import Stage, path_option, user_errors
 from nnbp.files import write_text
 from nnbp.plots import VEGA_PACKAGE, offline_page
+from nnbp.tooling.cli import Stage, path_option
 
 
 @click.command(cls=Stage)
 @path_option("--out", "reports/plots_page.html")
-@user_errors
 def main(out: str) -> None:
     try:
         page = offline_page()

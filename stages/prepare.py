@@ -5,14 +5,12 @@ import click
 
 from nnbp import config
 from nnbp.artifacts import Prepared
-from nnbp.backprop import one_hot
-from nnbp.cli import Stage, path_option, user_errors
-from nnbp.labdata import image_shape, load_dataset, standardise
+from nnbp.labdata import image_shape, load_dataset, one_hot, standardise
+from nnbp.tooling.cli import Stage, path_option
 
 
 @click.command(cls=Stage)
 @path_option("--out", "data/prepared", folder=True)
-@user_errors
 def main(out: str) -> None:
     data = config.Data.read(config.read("prepare"))
     ds = load_dataset(

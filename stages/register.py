@@ -4,7 +4,7 @@ With ``mlflow.register: true`` (``dvc exp run -S mlflow.register=true``), the co
 the best test accuracy in ``--metrics`` is registered as a version of ``mlflow.model_name`` and
 the alias ``champion`` points at it: ``mlflow.pyfunc.load_model("models:/NAME@champion")``. The
 model is the one its training run logged from exactly the weights in ``--models``
-(``nnbp.tracking.registry``). Otherwise it only says what it would register.
+(``nnbp.tooling.tracking.registry``). Otherwise it only says what it would register.
 """
 
 from pathlib import Path
@@ -13,8 +13,8 @@ import click
 
 from nnbp import config
 from nnbp.artifacts import load_metrics
-from nnbp.cli import Stage, path_option, user_errors
-from nnbp.tracking.registry import champion, register
+from nnbp.tooling.cli import Stage, path_option
+from nnbp.tooling.tracking.registry import champion, register
 
 ALIAS = "champion"
 
@@ -22,7 +22,6 @@ ALIAS = "champion"
 @click.command(cls=Stage)
 @path_option("--metrics", "reports/metrics.json", dest="metrics_path")
 @path_option("--models", "models", folder=True, dest="models_dir")
-@user_errors
 def main(metrics_path: str, models_dir: str) -> None:
     registry = config.Registry.read(config.read("register"))
     metrics = load_metrics(metrics_path)

@@ -8,9 +8,9 @@ import click
 
 from nnbp import config, figures, plots
 from nnbp.artifacts import History, Prepared, load_models
-from nnbp.cli import Stage, path_option, user_errors
 from nnbp.files import atomic_paths, write_json
 from nnbp.labdata import load_dataset
+from nnbp.tooling.cli import Stage, path_option
 
 
 @click.command(cls=Stage)
@@ -19,7 +19,6 @@ from nnbp.labdata import load_dataset
 @path_option("--histories", "reports/history", folder=True, dest="history_dir")
 @path_option("--out-dir", "reports/figures", folder=True)
 @path_option("--curves", "reports/curves.json", dest="curves_path")
-@user_errors
 def main(prepared: str, models_dir: str, history_dir: str, out_dir: str, curves_path: str) -> None:
     params = config.read("render")
     data, seed = config.Data.read(params), config.Render.read(params).seed

@@ -2,7 +2,8 @@
 
 NAME comes from DVC (``DVC_STAGE=train@NAME``) or, run by hand, from the command line; its
 values are the training defaults of params.yaml with ``configs.NAME``'s pins applied. Writes
-``MODELS/NAME.npz`` and ``HISTORIES/NAME.json`` (every log point), both or neither.
+``MODELS/NAME.npz`` and ``HISTORIES/NAME.json`` (every log point), both or neither. The MLflow
+run also gets the model, its history and its own figures (features and curves).
 """
 
 from pathlib import Path
@@ -10,10 +11,12 @@ from pathlib import Path
 import click
 
 from nnbp import config
-from nnbp.artifacts import History, Prepared, save_trained
-from nnbp.cli import Progress, Stage, path_option, user_errors
-from nnbp.tracking.run import Run, training_params
+from nnbp.artifacts import History, LogPoint, Prepared, save_trained
+from nnbp.tooling.cli import Progress, Stage, path_option
+from nnbp.tooling.tracking.run import Run, training_params
 from nnbp.training import train
+
+EXAMPLES = 5  # test images in the MLflow Model's input example
 
 
 @click.command(cls=Stage)
@@ -21,24 +24,23 @@ from nnbp.training import train
 @path_option("--prepared", "data/prepared", folder=True)
 @path_option("--models", "models", folder=True)
 @path_option("--histories", "reports/history", folder=True)
-@user_errors
 def main(name: str | None, prepared: str, models: str, histories: str) -> None:
     name = name or config.configuration_of_stage()
     if name is None:
         raise click.UsageError("which configuration? give its NAME (a key of configs)")
     params = config.read(f"train@{name}")
     training = config.Training.read(params, name)
-    data_path = config.DataFile.read(params).path
+    data_path = config.Data.read(params).path
     threads = config.Runtime.read(params).threads
     data = Prepared.load(prepared)
     model_path, history_path = Path(models) / f"{name}.npz", Path(histories) / f"{name}.json"
-    points = []
+    points: list[LogPoint] = []
     # The run is opened, or the store refused, before any training.
     with Run.start(name, training_params(training, threads, data_path, data)) as run:
         run.log_datasets(data_path, data)
         with run.system_metrics(), Progress(training.iters, name) as bar:
 
-            def on_point(point):
+            def on_point(point: LogPoint) -> None:
                 points.append(point)
                 run.log_point(point)
                 bar.show(point)
@@ -46,8 +48,14 @@ def main(name: str | None, prepared: str, models: str, histories: str) -> None:
             model = train(training, data, on_point, threads)
         history = History(tuple(points))
         save_trained(model, history, model_path, history_path)
-        run.log_results(model, history, model_path, history_path, data)
-    last = points[-1]
+        run.log_model(model_path, data.X_test[:, :EXAMPLES].T, step=points[-1].iteration)
+        run.log_artifact(history_path, "history")
+        if run.enabled:  # the run's own figures: its features and curves (matplotlib: slow)
+            from nnbp import figures
+
+            for file, figure in figures.run_figures(name, model, history, data.image_shape).items():
+                run.log_figure(figure, f"figures/{file}")
+    last = points[-1].scores
     click.echo(
         f"{name}: loss {last.loss:.4f}, train acc {last.train_acc:.2f}%, "
         f"test acc {last.test_acc:.2f}% after {training.iters} iterations"

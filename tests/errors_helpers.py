@@ -580,7 +580,7 @@ def init_mlflow_store(db: Path) -> None:
     beside it, so that a stage's first use of it prints nothing."""
     from mlflow import MlflowClient
 
-    from nnbp.tracking.store import EXPERIMENT
+    from nnbp.tooling.tracking.store import EXPERIMENT
 
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
     client.create_experiment(EXPERIMENT, artifact_location=(db.parent / "artifacts").as_uri())

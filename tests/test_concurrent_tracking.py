@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from nnbp.tracking import retry
-from nnbp.tracking.run import Run
+from nnbp.tooling.tracking import retry
+from nnbp.tooling.tracking.run import Run
 from tests.conftest import clean_env
 from tests.servers import free_port, start_server
 
@@ -26,7 +26,7 @@ POINTS = 30
 WRITER = textwrap.dedent(
     """
     import sys
-    from nnbp.tracking.run import Run
+    from nnbp.tooling.tracking.run import Run
     name, points = sys.argv[1], int(sys.argv[2])
     run = Run.start(name, {"writer": name})
     for step in range(points):

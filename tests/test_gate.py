@@ -1,4 +1,4 @@
-"""The metrics gate (`nnbp-gate`, ``nnbp.gate``): tolerances, missing configurations, its
+"""The metrics gate (`nnbp-gate`, ``nnbp.tooling.gate``): tolerances, missing configurations, its
 errors, and, end to end, that a run degraded on purpose fails it while an unchanged run passes."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from nnbp.config import read_yaml
-from nnbp.tools import gate as gate_command
+from nnbp.dvcfiles import read_yaml
+from nnbp.tooling.console import gate as gate_command
 from tests.conftest import BIN, ROOT, clean_env, dvc, git, set_params
 from tests.errors_helpers import stage_env, wait_for_training
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from nnbp.tracking.store import EXPERIMENT
+from nnbp.tooling.tracking.store import EXPERIMENT
 from tests.conftest import BIN, clean_env
 from tests.errors_helpers import stage_cmd, write_params
 from tests.servers import Api, missing

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from nnbp.artifacts import Prepared, TrainedModel
-from nnbp.backprop import init_weights, one_hot
+from nnbp.backprop import init_weights
+from nnbp.labdata import one_hot
 from nnbp.lab import PUBLISHED, published_for
 from nnbp.reports import comparison_table
 from tests.errors_helpers import project_files, run_stage

@@ -8,7 +8,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from nnbp.config import read_yaml
+from nnbp.dvcfiles import read_yaml
 from tests.conftest import ROOT
 from tests.errors_helpers import changed_params, run_stage, stage_cmd, stage_env
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from playwright.sync_api import Error as PlaywrightError
 
-from nnbp.config import read_yaml
+from nnbp.dvcfiles import read_yaml
 from nnbp.files import file_md5
 from tests.browser import chromium, screenshot
 from tests.conftest import BIN, ROOT, clean_env, copy_repo, dvc, run

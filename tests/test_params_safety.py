@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from nnbp import config
+from nnbp.dvcfiles import declared, read_yaml
 from nnbp.artifacts import TrainedModel
 from nnbp.backprop import DTYPES, GRADIENT_RULES
 from tests.conftest import BIN, GIT_ID, ROOT, clean_env, copy_repo
@@ -35,8 +36,8 @@ from tests.errors_helpers import (
     stage_env,
 )
 
-PIPELINE = config.read_yaml(ROOT / "dvc.yaml")
-PARAMS = config.read_yaml(ROOT / "params.yaml")
+PIPELINE = read_yaml(ROOT / "dvc.yaml")
+PARAMS = read_yaml(ROOT / "params.yaml")
 STAGES = [
     f"{name}@{key}" if "foreach" in body else name
     for name, body in PIPELINE["stages"].items()
@@ -68,13 +69,14 @@ def test_each_stage_reads_exactly_what_dvc_declares_for_it(stage: str):
     import dvc.api
 
     shown = dvc.api.params_show(stages=[stage], repo=str(ROOT))
-    assert _nested(PARAMS, config.declared(stage, ROOT / "dvc.yaml")) == shown
+    assert _nested(PARAMS, declared(stage, ROOT / "dvc.yaml")) == shown
 
 
 def test_a_stage_reading_an_undeclared_parameter_is_refused_naming_dvc_yaml():
     params = config.read("data", ROOT / "params.yaml", ROOT / "dvc.yaml")
     with pytest.raises(config.ConfigError, match=r"dvc.yaml: stage data reads data.path but "):
-        config.Data.read(params)  # prepare's parameters, of which `data` declares three
+        params.get("data.path")  # prepare's parameter; `data` declares three others
+    assert set(config.Data.read(params).model_fields_set) == {"source", "n_train", "split_seed"}
 
 
 @pytest.mark.parametrize("name", ["a/b", "..", ".hidden", "-x", "a b", "a.b", "a'b", "h25;ls"])
@@ -106,7 +108,7 @@ PIN_VALUES = {
 
 
 def test_every_pinnable_key_has_a_test_value():
-    assert sorted(PIN_VALUES) == sorted(config.Training.PINNABLE)
+    assert sorted(PIN_VALUES) == sorted(config.Training.fields())
 
 
 @pytest.mark.parametrize("key", list(PIN_VALUES))
@@ -123,13 +125,9 @@ def test_each_key_pinned_in_a_configuration_reaches_the_model(
     history = json.loads((tmp_path / "h25.json").read_text())
     recorded = {
         "hidden": model.hidden,
-        "tau": model.tau,
-        "iters": model.iters,
-        "lamb": model.lamb,
-        "gradient": model.gradient,
+        **model.hyper,
         "dtype": model.dtype,
         "log_every": history[1]["step"],
-        "blocks": model.blocks,
     }
     if key == "seed":
         default = TrainedModel.load(workspace / "models/h25.npz")  # seed 0, all else the same

@@ -21,7 +21,7 @@ from scipy.ndimage import zoom
 from nnbp.artifacts import Prepared, TrainedModel
 from nnbp.backprop import predict
 from nnbp.files import file_md5
-from nnbp.tracking.store import EXPERIMENT, WEIGHTS_MD5_TAG
+from nnbp.tooling.tracking.store import EXPERIMENT, WEIGHTS_MD5_TAG
 from tests.conftest import BIN, ROOT, clean_env, copy_repo, dvc, git, run, set_params
 
 ITERS, LOG_EVERY = 40, 20

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from nnbp.files import file_md5
-from nnbp.tracking.store import EXPERIMENT
+from nnbp.tooling.tracking.store import EXPERIMENT
 from tests.conftest import BIN, GIT_ID, clean_env, copy_repo
 from tests.servers import S3, Api, start_s3_server, stop_server
 

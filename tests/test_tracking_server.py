@@ -31,9 +31,9 @@ import pytest
 
 from nnbp.artifacts import Prepared, TrainedModel
 from nnbp.backprop import predict
-from nnbp.config import read_yaml
+from nnbp.dvcfiles import read_yaml
 from nnbp.files import file_md5
-from nnbp.tracking.store import EXPERIMENT
+from nnbp.tooling.tracking.store import EXPERIMENT
 from tests.conftest import BIN, clean_env, copy_repo, dvc
 from tests.errors_helpers import write_params
 from tests.servers import (

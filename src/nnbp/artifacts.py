@@ -1,6 +1,7 @@
 """The formats of what the pipeline writes and reads back, each defined once: the prepared arrays
 (``data/prepared``), a trained model (``models/NAME.npz``), a training history
-(``reports/history/NAME.json``) and the metrics (``reports/metrics.json``).
+(``reports/history/NAME.json``) and the metrics (``reports/metrics.json``), whose names are the
+fields of ``Scores``.
 
 Each is a frozen dataclass with one ``save``/``load`` pair; every reader goes through the safe
 archive reader (``nnbp.archive``) and every problem is a ``DataError`` naming the file. The same
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -19,15 +20,52 @@ from typing import Any
 import numpy as np
 
 from .archive import read_npz
-from .backprop import LogPoint
+from .config import RECORDED, Training
 from .errors import DataError, first_line
 from .files import atomic_paths, read_text, save_npz, write_json
 
-MODEL_KEYS = ("sizes", "lamb", "tau", "iters", "gradient", "blocks")  # besides W1..WL
-HISTORY_KEYS = ("step", "loss", "train_acc", "test_acc")
-METRICS = ("train_acc", "test_acc", "loss")
 
-Metrics = dict[str, dict[str, Any]]  # configuration -> {train_acc, test_acc, loss}
+def _metric(*, better: str, decimals: int, shown: int, title: str) -> dict[str, Any]:
+    """A metric's metadata: which way is ``better`` ("higher" or "lower"), the ``decimals``
+    metrics.json keeps, the decimals a table ``shown``s, a chart's ``title``."""
+    return {"better": better, "decimals": decimals, "shown": shown, "title": title}
+
+
+@dataclass(frozen=True)
+class Scores:
+    """How a network does on the data: the lab's cost on the training set (regularization
+    included) and the training and test accuracies in percent (``test_acc`` None without a test
+    set). These are the metrics, everywhere: metrics.json, the histories, MLflow, the gate."""
+
+    loss: float = field(metadata=_metric(better="lower", decimals=6, shown=4, title="loss"))
+    train_acc: float = field(
+        metadata=_metric(better="higher", decimals=4, shown=2, title="train accuracy (%)")
+    )
+    test_acc: float | None = field(
+        metadata=_metric(better="higher", decimals=4, shown=2, title="test accuracy (%)")
+    )
+
+    def metrics(self) -> dict[str, float | None]:
+        """As metrics.json holds them: in ``REPORTED`` order, rounded."""
+        return {m: _rounded(getattr(self, m), METRICS[m]["decimals"]) for m in REPORTED}
+
+
+def _rounded(value: float | None, decimals: int) -> float | None:
+    return None if value is None else round(value, decimals)
+
+
+METRICS = {f.name: f.metadata for f in fields(Scores)}  # name -> better, decimals, shown
+# metrics.json and the results tables list the accuracies first, then the cost
+REPORTED = tuple(sorted(METRICS, key=lambda m: METRICS[m]["better"] == "lower"))
+Metrics = dict[str, dict[str, Any]]  # configuration -> {metric: value}, as metrics.json holds it
+
+
+@dataclass(frozen=True)
+class LogPoint:
+    """Progress after ``iteration`` updates."""
+
+    iteration: int
+    scores: Scores
 
 
 @dataclass(frozen=True)
@@ -75,16 +113,13 @@ class Prepared:
 
 @dataclass(frozen=True)
 class TrainedModel:
-    """The weights ``W^1..W^L`` (each ``(n_{l+1}, n_l + 1)``, bias in column 0) and the
-    hyperparameters that made them; ``blocks``: the blocks its examples were summed in, on which
-    the last bits depend."""
+    """The weights ``W^1..W^L`` (each ``(n_{l+1}, n_l + 1)``, bias in column 0) and ``hyper``,
+    the values of the training parameters that the schema marks ``RECORDED``
+    (``config.Training``: lamb, tau, iters, gradient, blocks), in its order. ``blocks``, the
+    blocks its examples were summed in, is what its evaluation sums in too."""
 
     weights: tuple[np.ndarray, ...]
-    lamb: float
-    tau: float
-    iters: int
-    gradient: str
-    blocks: int
+    hyper: Mapping[str, Any]
 
     @property
     def sizes(self) -> list[int]:
@@ -100,22 +135,20 @@ class TrainedModel:
         return self.weights[0].dtype.name
 
     def save(self, path: str | Path) -> None:
+        """W1..WL, the sizes, then each recorded value as a 0-d array."""
         save_npz(
             path,
             **{f"W{i}": W for i, W in enumerate(self.weights, 1)},
             sizes=np.array(self.sizes),
-            lamb=np.float64(self.lamb),
-            tau=np.float64(self.tau),
-            iters=np.int64(self.iters),
-            gradient=np.str_(self.gradient),
-            blocks=np.int64(self.blocks),
+            **{key: _scalar(value) for key, value in self.hyper.items()},
         )
 
     @classmethod
     def load(cls, path: str | Path) -> TrainedModel:
         """A model as ``save`` writes it, checked to chain: ``W^{l+1}`` takes the ``n_{l+1}``
         outputs of ``W^l`` plus a bias."""
-        arrays = read_npz(path, ("W1", *MODEL_KEYS))
+        recorded = Training.fields(RECORDED)
+        arrays = read_npz(path, ("W1", "sizes", *recorded))
         names = sorted(
             (k for k in arrays if k[:1] == "W" and k[1:].isdigit()), key=lambda k: int(k[1:])
         )
@@ -127,33 +160,30 @@ class TrainedModel:
         if [W.shape for W in weights] != shapes or len(sizes) != len(weights) + 1:
             found = ", ".join(f"{W.shape}" for W in weights)
             raise DataError(f"{path}: weight shapes {found} do not match layer sizes {sizes}")
-        return cls(
-            weights,
-            lamb=float(arrays["lamb"]),
-            tau=float(arrays["tau"]),
-            iters=int(arrays["iters"]),
-            gradient=str(arrays["gradient"]),
-            blocks=int(arrays["blocks"]),
-        )
+        return cls(weights, {key: arrays[key].item() for key in recorded})
+
+
+def _scalar(value: Any) -> np.ndarray:
+    """A recorded value as the 0-d array the model file stores: float64, int64 or a string."""
+    if isinstance(value, str):
+        return np.str_(value)
+    return np.int64(value) if isinstance(value, int) else np.float64(value)
 
 
 @dataclass(frozen=True)
 class History:
-    """A training's log points, in order (``backprop.LogPoint``: iteration, loss, accuracies)."""
+    """A training's log points, in order."""
 
     points: tuple[LogPoint, ...]
 
     def rows(self) -> list[dict[str, float | None]]:
-        """The points as the history file's rows: step, loss, train_acc, test_acc."""
-        return [
-            {"step": p.iteration, "loss": p.loss, "train_acc": p.train_acc, "test_acc": p.test_acc}
-            for p in self.points
-        ]
+        """The points as the history file's rows: step, then every metric."""
+        return [{"step": p.iteration, **vars(p.scores)} for p in self.points]
 
     def columns(self) -> dict[str, list[float | None]]:
-        """The points as columns (``step``, ``loss``, ``train_acc``, ``test_acc``)."""
+        """The points as columns: ``step``, then every metric."""
         rows = self.rows()
-        return {key: [row[key] for row in rows] for key in HISTORY_KEYS}
+        return {key: [row[key] for row in rows] for key in ("step", *METRICS)}
 
     def save(self, path: str | Path) -> None:
         write_json(path, self.rows())
@@ -165,14 +195,15 @@ class History:
             rows = json.loads(text)
         except ValueError as e:
             raise DataError(f"{path}: not a readable history ({first_line(e)})") from None
+        keys = ("step", *METRICS)
         if not isinstance(rows, list) or not all(
-            isinstance(r, dict) and set(HISTORY_KEYS) <= set(r) for r in rows
+            isinstance(r, dict) and set(keys) <= set(r) for r in rows
         ):
             raise DataError(
-                f"{path}: not a history (expected a list of rows with {', '.join(HISTORY_KEYS)})"
+                f"{path}: not a history (expected a list of rows with {', '.join(keys)})"
             )
         return cls(
-            tuple(LogPoint(r["step"], r["loss"], r["train_acc"], r["test_acc"]) for r in rows)
+            tuple(LogPoint(r["step"], Scores(**{m: r[m] for m in METRICS})) for r in rows)
         )
 
 
@@ -200,7 +231,7 @@ def load_models(folder: str | Path, *, features: int, classes: int) -> dict[str,
                 f"{features} features and {classes} classes; if its configuration is gone, "
                 "delete it (DVC leaves the outputs of a removed stage in place)"
             )
-    order = sorted(models, key=lambda name: (models[name].sizes, models[name].lamb, name))
+    order = sorted(models, key=lambda name: (models[name].sizes, models[name].hyper["lamb"], name))
     return {name: models[name] for name in order}
 
 

@@ -1,18 +1,23 @@
-"""The one place that turns ``params.yaml`` into typed, validated values.
+"""The one place that turns ``params.yaml`` into typed, validated values: one schema.
 
 A stage reads only the parameters that ``dvc.yaml`` declares for it (``read("train@h25")``), so
 DVC re-runs exactly the stages a change touches: ``Params.get`` refuses any other key, but for
 the machine settings of ``RUNTIME`` (``threads``), which change how fast a stage runs and never
-a byte of what it writes, so that no stage declares them and DVC re-runs nothing for them. The
-values are checked against one schema (types, ranges, allowed keys; pydantic, strict: no string
-is taken for a number, no number for a boolean) and every error is one line naming the key the
-user typed:
+a byte of what it writes, so that no stage declares them and DVC re-runs nothing for them. A
+section (``Data``...) is read field by field, only the fields its stage declares. The values are
+checked by pydantic (strict: no string is taken for a number, no number for a boolean) and every
+error is one line naming the key the user typed:
 
     params.yaml: configs.h25.tau = 0.0: must be > 0
 
-A configuration's values are the training defaults with its own pins applied, merged here and
-nowhere else (``Training.read``): the train stage and the metrics gate's lock check both use it.
-Nothing of ``params.yaml`` is ever pasted into a shell command: the stages read it themselves.
+``Training`` is the schema of the training parameters: a configuration's values are the
+defaults with its own pins applied (``Training.read``, the one place that merges them). Its
+fields say where each goes: ``FIT`` marks the keywords of ``backprop.fit``, ``RECORDED`` the
+values the model file records (``artifacts.TrainedModel``), which the metrics gate compares with
+``dvc.lock``; the MLflow params are all of them. Adding a hyperparameter is a field here and its
+math in ``backprop``. The schema checks the values a stage uses without importing the code that
+uses them (the allowed gradient rules are ``backprop``'s, imported when a value is checked), so a
+stage depends on no more code than it runs.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Self
+from dataclasses import dataclass
+from functools import cache
+from typing import Annotated, Any, ClassVar, Self
 
 from pydantic import (
     AfterValidator,
@@ -31,39 +37,16 @@ from pydantic import (
     PlainValidator,
     Strict,
     ValidationError,
+    create_model,
 )
 
-from .backprop import DTYPES, GRADIENT_RULES, ZSCORE_MODES
-from .datasets import SIZE, SOURCES
-from .errors import UserError
-from .files import read_text
+from .dvcfiles import DVC_FILE, PARAMS_FILE, declared, read_yaml
+from .errors import ConfigError
 
-PARAMS_FILE = Path("params.yaml")
-DVC_FILE = Path("dvc.yaml")
 # A configuration name: a plain file name (it names models/NAME.npz) that is also a clean DVC
 # stage and params key (no '/', no '.', no '@' or ':'), and not an option (no leading '-').
 CONFIG_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
 RUNTIME = ("threads",)  # read by stages that do not declare them: they change no output
-
-
-class ConfigError(UserError):
-    """A parameter, params.yaml or dvc.yaml that cannot be used; ``str()`` names the key."""
-
-    exit_code = 2  # a bad parameter, as Click reports a bad option
-
-
-def read_yaml(path: str | Path) -> Any:
-    """``path`` parsed as DVC parses it (ruamel.yaml, safe), so both see the same values."""
-    from ruamel.yaml import YAML, YAMLError
-
-    path = Path(path)
-    text = read_text(path, ConfigError)
-    try:
-        return YAML(typ="safe").load(text)
-    except YAMLError as e:
-        where = getattr(e, "problem_mark", None)
-        line = f" at line {where.line + 1}" if where is not None else ""
-        raise ConfigError(f"{path}: not valid YAML{line}") from None
 
 
 def _kind(value: Any) -> str:
@@ -72,31 +55,6 @@ def _kind(value: Any) -> str:
     if isinstance(value, list | tuple):
         return "a list"
     return f"a {type(value).__name__}"
-
-
-def declared(stage: str, dvcfile: str | Path = DVC_FILE) -> tuple[str, ...]:
-    """The ``params.yaml`` keys that ``dvcfile`` declares for ``stage`` (``train@h25`` for an
-    item of a ``foreach`` stage), as ``dvc.api.params_show(stages=[stage])`` reads them."""
-    pipeline = read_yaml(dvcfile)
-    stages = pipeline.get("stages") if isinstance(pipeline, Mapping) else None
-    name, _, item = stage.partition("@")
-    body = stages.get(name) if isinstance(stages, Mapping) else None
-    if not isinstance(body, Mapping):
-        raise ConfigError(f"{dvcfile}: no stage {name}")
-    if "foreach" in body:
-        if not item:
-            raise ConfigError(f"{dvcfile}: stage {name} runs once per item: name one, {name}@KEY")
-        body = body.get("do") or {}
-    keys: list[str] = []
-    for entry in body.get("params") or []:
-        if isinstance(entry, Mapping):  # {other.yaml: [keys]}: only params.yaml is read here
-            for file, listed in entry.items():
-                if Path(str(file)) != PARAMS_FILE:
-                    raise ConfigError(f"{dvcfile}: stage {stage} reads {file}; only params.yaml")
-                keys += [str(k) for k in listed or []]
-        else:
-            keys.append(str(entry))
-    return tuple(k.replace("${key}", item) for k in keys)
 
 
 def _select(values: Any, key: str) -> Any:
@@ -120,8 +78,12 @@ class Params:
             raise ConfigError(f"{source}: expected a mapping of parameters, got {_kind(values)}")
         self.values, self.keys, self.source, self.stage = values, tuple(keys), source, stage
 
+    def declares(self, key: str) -> bool:
+        """Whether the stage declares ``key`` (itself, or a section holding it)."""
+        return key in RUNTIME or any(key == k or key.startswith(f"{k}.") for k in self.keys)
+
     def get(self, key: str) -> Any:
-        if key not in RUNTIME and not any(key == k or key.startswith(f"{k}.") for k in self.keys):
+        if not self.declares(key):
             raise ConfigError(
                 f"{DVC_FILE}: stage {self.stage} reads {key} but does not declare it in its "
                 "params (DVC would not re-run it when that changes); add it there"
@@ -132,9 +94,7 @@ class Params:
             raise ConfigError(f"{self.source}: {key} is missing") from None
 
 
-def read(
-    stage: str, params_file: str | Path = PARAMS_FILE, dvcfile: str | Path = DVC_FILE
-) -> Params:
+def read(stage: str, params_file: str | os.PathLike = PARAMS_FILE, dvcfile=DVC_FILE) -> Params:
     """The parameters of ``params_file`` that ``dvcfile`` declares for ``stage``."""
     return Params(
         read_yaml(params_file), declared(stage, dvcfile), source=str(params_file), stage=stage
@@ -150,6 +110,48 @@ def configuration_of_stage() -> str | None:
 
 
 # --- the schema ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Role:
+    """Where a training parameter goes besides the MLflow params (a field's metadata)."""
+
+    name: str
+
+
+FIT = Role("fit")  # a keyword of backprop.fit
+RECORDED = Role("recorded")  # a value the model file records
+
+
+def _one_of(value: str, allowed: Sequence[str]) -> str:
+    if value not in allowed:
+        quoted = [repr(a) for a in allowed]
+        raise ValueError(f"must be {', '.join(quoted[:-1])} or {quoted[-1]}")
+    return value
+
+
+def _gradient(value: str) -> str:
+    from .backprop import GRADIENT_RULES
+
+    return _one_of(value, tuple(GRADIENT_RULES))
+
+
+def _dtype(value: str) -> str:
+    from .backprop import DTYPES
+
+    return _one_of(value, DTYPES)
+
+
+def _source(value: str) -> str:
+    from .datasets import SOURCES
+
+    return _one_of(value, SOURCES)
+
+
+def _zscore(value: str) -> str:
+    from .labdata import ZSCORE_MODES
+
+    return _one_of(value, ZSCORE_MODES)
 
 
 def _threads(value: Any) -> int | str:
@@ -169,55 +171,74 @@ Seed = Annotated[int, Strict(), Field(ge=0)]
 Positive = Annotated[float, Strict(), Field(gt=0, allow_inf_nan=False)]
 NonNegative = Annotated[float, Strict(), Field(ge=0, allow_inf_nan=False)]
 Text = Annotated[str, Strict(), Field(min_length=1)]
-Threads = Annotated[int | str, PlainValidator(_threads)]
+# Strings among allowed values, which the code that uses them defines
+Source = Annotated[str, Strict(), AfterValidator(_source)]
+ZscoreMode = Annotated[str, Strict(), AfterValidator(_zscore)]
+GradientRule = Annotated[str, Strict(), AfterValidator(_gradient)]
+Dtype = Annotated[str, Strict(), AfterValidator(_dtype)]
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
     """A group of parameters under ``prefix`` (``data`` for ``data.path``), one per field."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     prefix: ClassVar[str] = ""
 
     @classmethod
-    def read(cls, params: Params) -> Self:
-        # a field's name in params.yaml is its alias, where its own name would shadow pydantic's
-        names = [info.alias or field for field, info in cls.model_fields.items()]
-        keys = {name: f"{cls.prefix}.{name}" if cls.prefix else name for name in names}
-        values = {name: params.get(key) for name, key in keys.items()}
-        return _validated(cls, values, keys, params.source)
-
-
-class EmbeddedData(_Section):
-    """The ``data`` stage: which embedded data set, and how it is split."""
-
-    prefix: ClassVar[str] = "data"
-    source: Literal[SOURCES]
-    n_train: Whole
-    split_seed: Seed
+    def key(cls, field: str) -> str:
+        """The params.yaml key of ``field`` (its alias, where its name would shadow pydantic's)."""
+        name = cls.model_fields[field].alias or field
+        return f"{cls.prefix}.{name}" if cls.prefix else name
 
     @classmethod
     def read(cls, params: Params) -> Self:
-        data = super().read(params)
-        size = SIZE[data.source]
-        if data.n_train >= size:
-            raise ConfigError(
-                f"{params.source}: data.n_train = {data.n_train}: leaves no test example: "
-                f"{data.source} has {size} images; allowed: 1..{size - 1}"
-            )
-        return data
+        """The fields of this section that the stage declares, checked; the others are left
+        out (reading one is an AttributeError: the stage would have to declare it)."""
+        fields = tuple(f for f in cls.model_fields if params.declares(cls.key(f)))
+        keys = {cls.model_fields[f].alias or f: cls.key(f) for f in fields}
+        values = {name: params.get(key) for name, key in keys.items()}
+        checked = _validated(_part(cls, fields), values, keys, params.source)
+        return cls.model_construct(**dict(checked))
 
 
-class Data(_Section):
-    """The data trained on and how it is prepared (``prepare``, ``render``)."""
+@cache
+def _part(model: type[Section], fields: tuple[str, ...]) -> type[BaseModel]:
+    """A model of ``fields`` of ``model`` alone, as strict as the whole."""
+    if fields == tuple(model.model_fields):
+        return model
+    return create_model(
+        model.__name__,
+        __config__=model.model_config,
+        **{f: (model.model_fields[f].annotation, model.model_fields[f]) for f in fields},
+    )
+
+
+class Data(Section):
+    """The data: which embedded set and how it is split (``data``), the file trained on and how
+    it is prepared (``prepare``, ``render``)."""
 
     prefix: ClassVar[str] = "data"
-    source: Literal[SOURCES]
+    source: Source
     path: Text
     classes: Annotated[int, Strict(), Field(ge=2)]
     n_train: Whole
     split_seed: Seed
-    zscore: Literal[ZSCORE_MODES]
+    zscore: ZscoreMode
     image_shape: Annotated[str, Strict(), AfterValidator(_image_shape)]
+
+    @classmethod
+    def read(cls, params: Params) -> Self:
+        data = super().read(params)
+        if "source" in data.__dict__ and "n_train" in data.__dict__:
+            from .datasets import SIZE
+
+            size = SIZE[data.source]
+            if data.n_train >= size:
+                raise ConfigError(
+                    f"{params.source}: data.n_train = {data.n_train}: leaves no test example: "
+                    f"{data.source} has {size} images; allowed: 1..{size - 1}"
+                )
+        return data
 
     @property
     def shape(self) -> tuple[int, int] | None:
@@ -228,26 +249,19 @@ class Data(_Section):
         return int(h), int(w)
 
 
-class DataFile(_Section):
-    """The data file a training run records (``train``)."""
-
-    prefix: ClassVar[str] = "data"
-    path: Text
-
-
-class Runtime(_Section):
+class Runtime(Section):
     """How many threads run the blocks of training and evaluation (``auto``: the cores this
     process may use, at most the blocks); no output depends on it."""
 
-    threads: Threads
+    threads: Annotated[int | str, PlainValidator(_threads)]
 
 
-class Render(_Section):
+class Render(Section):
     prefix: ClassVar[str] = "render"
     seed: Seed
 
 
-class Registry(_Section):
+class Registry(Section):
     """``mlflow.register``: whether the best configuration becomes ``model_name``'s champion."""
 
     prefix: ClassVar[str] = "mlflow"
@@ -255,7 +269,7 @@ class Registry(_Section):
     model_name: Text
 
 
-class Tolerances(_Section):
+class Tolerances(Section):
     """The metrics gate's tolerances (``gate:``; not a stage's)."""
 
     prefix: ClassVar[str] = "gate"
@@ -265,65 +279,70 @@ class Tolerances(_Section):
 
 
 class Training(BaseModel):
-    """One configuration: the training defaults with the configuration's pins applied."""
+    """One configuration: the training defaults with the configuration's pins applied. The
+    recorded fields come first, in the order the model file stores them."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     name: str
     hidden: Annotated[tuple[Whole, ...], Field(min_length=1)]
-    tau: Positive
-    lamb: NonNegative
-    iters: Whole
+    lamb: Annotated[NonNegative, FIT, RECORDED]
+    tau: Annotated[Positive, FIT, RECORDED]
+    iters: Annotated[Whole, FIT, RECORDED]
+    gradient: Annotated[GradientRule, FIT, RECORDED]
+    blocks: Annotated[Whole, FIT, RECORDED]
+    dtype: Annotated[Dtype, FIT]
     seed: Seed
-    gradient: Literal[GRADIENT_RULES]
-    dtype: Literal[DTYPES]
     log_every: Whole
-    blocks: Whole
 
-    DEFAULTS: ClassVar[tuple[str, ...]] = (
-        "tau",
-        "iters",
-        "lamb",
-        "seed",
-        "gradient",
-        "dtype",
-        "log_every",
-        "blocks",
-    )
-    PINNABLE: ClassVar[tuple[str, ...]] = ("hidden", *DEFAULTS)
+    @classmethod
+    def fields(cls, role: Role | None = None) -> tuple[str, ...]:
+        """The training parameters (not ``name``), or those of ``role``, in schema order."""
+        return tuple(
+            name
+            for name, info in cls.model_fields.items()
+            if name != "name" and (role is None or role in info.metadata)
+        )
+
+    @classmethod
+    def defaults(cls) -> tuple[str, ...]:
+        """The parameters with a top-level default in params.yaml (all but ``hidden``)."""
+        return tuple(f for f in cls.fields() if f != "hidden")
+
+    def values(self, role: Role) -> dict[str, Any]:
+        """This configuration's values of ``role`` (``FIT``: ``backprop.fit``'s keywords)."""
+        return {name: getattr(self, name) for name in self.fields(role)}
 
     @classmethod
     def read(cls, params: Params, name: str) -> Training:
         """Configuration ``name`` of ``params``: the top-level defaults, then ``configs.NAME``."""
-        src = params.source
+        src, where = params.source, f"configs.{name}"
         problem = config_name_problem(name)
         if problem is not None:
             raise ConfigError(f"{src}: configs: {problem}; rename it")
-        pins = params.get(f"configs.{name}")
-        where = f"configs.{name}"
+        pins = params.get(where)
         if not isinstance(pins, Mapping):
             raise ConfigError(
                 f"{src}: {where} must be a mapping of training parameters (e.g. hidden: [25]), "
                 f"got {_kind(pins)}"
             )
-        for key in pins:
-            if key not in cls.PINNABLE:
-                raise ConfigError(
-                    f"{src}: {where}: {str(key)!r} is not a training parameter (a configuration "
-                    f"may pin {', '.join(cls.PINNABLE)})"
-                )
-        if "hidden" not in pins:
-            raise ConfigError(
-                f"{src}: {where}.hidden is missing: a configuration lists its hidden layer "
-                "sizes, e.g. hidden: [25]"
-            )
         values: dict[str, Any] = {"name": name}
         labels = {"name": where}
-        for key in cls.DEFAULTS:
+        for key in cls.defaults():
             if key not in pins:
                 values[key], labels[key] = params.get(key), key
         for key, value in pins.items():
             values[key], labels[key] = value, f"{where}.{key}"
-        return _validated(cls, values, labels, src)
+        explain = {
+            "extra_forbidden": lambda key: (
+                f"{src}: {where}: {key!r} is not a training parameter (a configuration may pin "
+                f"{', '.join(cls.fields())})"
+            ),
+            "missing": lambda key: (
+                f"{src}: {where}.{key} is missing: a configuration lists its hidden layer "
+                "sizes, e.g. hidden: [25]"
+            ),
+        }
+        return _validated(cls, values, labels, src, explain)
 
 
 def config_name_problem(name: object) -> str | None:
@@ -355,7 +374,6 @@ def _why(error: Mapping[str, Any]) -> str:
         "bool_type": lambda: "must be true or false",
         "string_type": lambda: "must be a string",
         "string_too_short": lambda: "must not be empty",
-        "literal_error": lambda: f"must be {ctx['expected']}",
         "too_short": lambda: "must not be empty",
         "tuple_type": lambda: "must be a list",
         "value_error": lambda: str(ctx.get("error", error["msg"])),
@@ -363,13 +381,22 @@ def _why(error: Mapping[str, Any]) -> str:
     return reasons[kind]() if kind in reasons else str(error["msg"]).lower()
 
 
-def _validated(model: type[Any], values: dict[str, Any], labels: dict[str, str], src: str) -> Any:
-    """``model`` made of ``values``; its first problem as a ``ConfigError`` naming the key."""
+def _validated(
+    model: type[Any],
+    values: dict[str, Any],
+    labels: dict[str, str],
+    src: str,
+    explain: Mapping[str, Any] | None = None,
+) -> Any:
+    """``model`` made of ``values``; its first problem as a ``ConfigError`` naming the key
+    (``explain`` words the errors of a kind, such as a missing or an unknown key, itself)."""
     try:
         return model.model_validate(values)
     except ValidationError as e:
         error = e.errors()[0]
         field, *inner = error["loc"]
+        if explain and error["type"] in explain:
+            raise ConfigError(explain[error["type"]](field)) from None
         value = values.get(field)
         label = labels.get(str(field), str(field))
         # an item of a list: say which

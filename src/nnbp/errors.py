@@ -15,6 +15,12 @@ class DataError(UserError, ValueError):
     """A data or model file that cannot be used; the message names the file."""
 
 
+class ConfigError(UserError):
+    """A parameter, params.yaml or dvc.yaml that cannot be used; ``str()`` names the key."""
+
+    exit_code = 2  # a bad parameter, as Click reports a bad option
+
+
 def one_line(text: object) -> str:
     """``text`` with its lines joined by spaces: a message that cannot wrap a terminal's log."""
     return " ".join(line.strip() for line in str(text).splitlines() if line.strip())

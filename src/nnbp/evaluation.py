@@ -1,4 +1,5 @@
-"""Evaluating trained models: accuracies, the lab's cost and the test confusion matrix."""
+"""Scoring a network: the lab's cost and the accuracies (``artifacts.Scores``), at a log point of
+training and once trained, and the test confusion matrix."""
 
 from __future__ import annotations
 
@@ -6,31 +7,43 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .artifacts import Prepared, TrainedModel
-from .backprop import MapBlocks, accuracy, in_order, loss, predict
+from .artifacts import Prepared, Scores, TrainedModel
+from .backprop import Weights, accuracy, loss, predict
+from .parallel import MapBlocks, in_order
+
+
+def score(
+    weights: Weights,
+    data: Prepared,
+    lamb: float,
+    blocks: int,
+    map_blocks: MapBlocks = in_order,
+    *,
+    test: bool = True,
+) -> Scores:
+    """``weights`` on ``data`` in ``blocks`` blocks (the sums training makes): the cost on the
+    training set with ``lamb``, the training accuracy and, unless ``test`` is False, the test
+    accuracy."""
+    run = {"blocks": blocks, "map_blocks": map_blocks}
+    train_acc = accuracy(predict(weights, data.X_train, **run), data.y_train)
+    test_acc = accuracy(predict(weights, data.X_test, **run), data.y_test) if test else None
+    return Scores(loss(weights, data.X_train, data.Y_train, lamb, **run), train_acc, test_acc)
 
 
 @dataclass(frozen=True)
 class Evaluation:
-    """``metrics``: ``train_acc``, ``test_acc`` (percent, 4 decimals) and ``loss`` (the lab's
-    training cost, regularization included, 6 decimals); ``confusion``: (K, K) test counts, rows
-    the true class."""
+    """``scores`` of a trained model and ``confusion``, its (K, K) test counts, rows the true
+    class."""
 
-    metrics: dict[str, float]
+    scores: Scores
     confusion: np.ndarray
 
 
 def evaluate(model: TrainedModel, data: Prepared, map_blocks: MapBlocks = in_order) -> Evaluation:
-    """``model`` on ``data``, in the blocks it was trained in (``model.blocks``), run through
-    ``map_blocks``: the same sums as training's, whatever runs them."""
-    weights, blocks = list(model.weights), {"blocks": model.blocks, "map_blocks": map_blocks}
-    y_pred = predict(weights, data.X_test, **blocks)
-    metrics = {
-        "train_acc": round(accuracy(predict(weights, data.X_train, **blocks), data.y_train), 4),
-        "test_acc": round(accuracy(y_pred, data.y_test), 4),
-        "loss": round(loss(weights, data.X_train, data.Y_train, model.lamb, **blocks), 6),
-    }
+    """``model`` on ``data``, in the blocks it was trained in, run through ``map_blocks``."""
+    weights, blocks = list(model.weights), model.hyper["blocks"]
+    y_pred = predict(weights, data.X_test, blocks=blocks, map_blocks=map_blocks)
     K = data.classes
     confusion = np.zeros((K, K), dtype=np.int64)
     np.add.at(confusion, (data.y_test, y_pred), 1)
-    return Evaluation(metrics, confusion)
+    return Evaluation(score(weights, data, model.hyper["lamb"], blocks, map_blocks), confusion)

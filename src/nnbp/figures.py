@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
-from .artifacts import History, TrainedModel
+from .artifacts import METRICS, History, TrainedModel
 from .files import atomic_path
 from .labdata import Dataset
 
@@ -71,16 +71,15 @@ def feature_grids(W1s: Mapping[str, np.ndarray], shape: tuple[int, int]) -> Figu
 
 
 def curves(histories: Mapping[str, History]) -> Figure:
-    """Loss, training and test accuracy against iterations, one line per named run."""
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    """Every metric against iterations, a panel each, one line per named run."""
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(15, 4))
     for name, history in histories.items():
         h = history.columns()
-        axes[0].plot(h["step"], h["loss"], label=name)
-        axes[1].plot(h["step"], h["train_acc"], label=name)
-        if h["test_acc"]:
-            axes[2].plot(h["step"], h["test_acc"], label=name)
-    for ax, title in zip(axes, ("loss", "train accuracy (%)", "test accuracy (%)"), strict=True):
-        ax.set_title(title)
+        for ax, metric in zip(axes, METRICS, strict=True):
+            if any(v is not None for v in h[metric]):  # no test set, no test accuracy
+                ax.plot(h["step"], h[metric], label=name)
+    for ax, metric in zip(axes, METRICS, strict=True):
+        ax.set_title(METRICS[metric]["title"])
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
         ax.legend()

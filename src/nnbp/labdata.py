@@ -11,14 +11,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
 from .archive import ArrayHeader, check_memory, mat_headers, npz_headers, read_mat, read_npz
-from .backprop import zscore
 from .errors import DataError
 
 LAB_KEYS = ("X_train", "y_train", "X_test", "y_test")
+ZSCORE_MODES = ("per_example", "per_feature")
 MAT_KEYS = ("X", "y")
 
 
@@ -146,6 +147,49 @@ def load_dataset(
         X_train, y_train, X_test, y_test = X[:, train], y[train], X[:, test], y[test]
     _check_same_features(path, X_train.shape[0], X_test.shape[0])
     return Dataset(X_train, y_train, X_test, y_test)
+
+
+def one_hot(y: np.ndarray, K: int) -> np.ndarray:
+    """Class indices ``y`` in ``0..K-1``, shape ``(n,)`` or ``(n, 1)`` -> one-hot ``(K, n)`` floats.
+
+    Classes absent from ``y`` give all-zero rows; any index outside ``0..K-1`` is a ValueError.
+    """
+    y = np.asarray(y).reshape(-1)
+    if y.size and not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"class indices must be integers, got dtype {y.dtype}")
+    if y.size and (y.min() < 0 or y.max() >= K):
+        raise ValueError(f"class indices must lie in 0..{K - 1}, got {y.min()}..{y.max()}")
+    Y = np.zeros((K, y.size))
+    Y[y, np.arange(y.size)] = 1.0
+    return Y
+
+
+def zscore(
+    X: np.ndarray,
+    mode: Literal["per_example", "per_feature"] = "per_example",
+    *,
+    reference: np.ndarray | None = None,
+) -> np.ndarray:
+    """Standardise ``X`` of shape ``(d, n)``; returns a new float64 ``(d, n)`` array.
+
+    ``per_example`` is the lab's section 3: each column (image) by its own mean and std.
+    ``per_feature`` standardises each row (pixel) with the mean and std of ``reference``
+    (the training set; ``X`` itself when omitted), so the test set reuses training statistics.
+    A zero std (constant image, constant pixel, a single example) divides by 1 instead of 0:
+    the values are only centred, so a constant image or feature becomes all zeros, never NaN.
+    """
+    if mode not in ZSCORE_MODES:
+        raise ValueError(f"zscore mode must be one of {ZSCORE_MODES}, got {mode!r}")
+    X = np.asarray(X, dtype=np.float64)
+    axis = 0 if mode == "per_example" else 1
+    ref = X if reference is None or mode == "per_example" else np.asarray(reference, np.float64)
+    mean = ref.mean(axis=axis, keepdims=True)
+    std = ref.std(axis=axis, keepdims=True)
+    # A constant row or column can have a mean off by an ulp and a std of 1e-16 instead of 0.
+    constant = np.ptp(ref, axis=axis, keepdims=True) == 0
+    mean = np.where(constant, ref.take([0], axis=axis), mean)
+    std[constant | (std == 0)] = 1.0
+    return (X - mean) / std
 
 
 def standardise(ds: Dataset, mode: str, *, source: str | Path) -> tuple[np.ndarray, np.ndarray]:

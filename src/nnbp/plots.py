@@ -5,10 +5,10 @@ vega-embed inlined so that the charts render offline (DVC's own page loads them 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-from .artifacts import History
-
-METRICS = ("loss", "train_acc", "test_acc")
+if TYPE_CHECKING:  # the offline page needs none of the formats
+    from .artifacts import History
 
 
 def curve_rows(histories: Mapping[str, History]) -> list[dict[str, float | str | None]]:
@@ -17,9 +17,8 @@ def curve_rows(histories: Mapping[str, History]) -> list[dict[str, float | str |
     files gives a chart per file instead, with the loss on the accuracies' 0-100 axis)."""
     rows = []
     for name, history in histories.items():
-        h = history.columns()
-        for i, step in enumerate(h["step"]):
-            rows.append({"configuration": name, "step": step, **{k: h[k][i] for k in METRICS}})
+        for row in history.rows():
+            rows.append({"configuration": name, **row})
     return rows
 
 

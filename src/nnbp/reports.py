@@ -1,53 +1,58 @@
 """The results tables of ``reports/results.md``: this run's, then this run beside the lab's
-published results (``nnbp.lab``)."""
+published results (``nnbp.lab``). A column per metric (``artifacts.REPORTED``)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-from .artifacts import TrainedModel
+from .artifacts import METRICS, REPORTED, TrainedModel
 from .lab import Published, published_for
 
-Scores = Mapping[str, float]  # train_acc, test_acc, loss
+Scores = Mapping[str, float]  # a configuration's metrics, as metrics.json holds them
+
+
+def _title(metric: str) -> str:
+    return metric.replace("_", " ")
+
+
+def _shown(metric: str, value: float, sign: str = "") -> str:
+    return f"{value:{sign}.{METRICS[metric]['shown']}f}"
 
 
 def run_table(models: Mapping[str, TrainedModel], metrics: Mapping[str, Scores]) -> str:
     """Markdown: each configuration's layers, lamb and metrics."""
+    titles = [_title(m) + (" (%)" if METRICS[m]["better"] == "higher" else "") for m in REPORTED]
     lines = [
-        "| configuration | layers | lamb | train acc (%) | test acc (%) | loss |",
-        "|---|---|---:|---:|---:|---:|",
+        f"| configuration | layers | lamb | {' | '.join(titles)} |",
+        "|---|---|---:|" + "---:|" * len(REPORTED),
     ]
     for name, model in models.items():
-        m = metrics[name]
+        cells = [_shown(m, metrics[name][m]) for m in REPORTED]
         layers = "-".join(map(str, model.sizes))
-        lines.append(
-            f"| {name} | {layers} | {model.lamb:g} | {m['train_acc']:.2f} | "
-            f"{m['test_acc']:.2f} | {m['loss']:.4f} |"
-        )
+        lines.append(f"| {name} | {layers} | {model.hyper['lamb']:g} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
 def comparison_table(rows: Mapping[str, tuple[Published | None, str, Scores]]) -> str:
     """Markdown: each configuration's metrics beside the lab's published ones, with the change.
 
-    ``rows`` maps a configuration to (its published run or None, its update rule, its metrics
-    ``train_acc``, ``test_acc`` and ``loss``). A configuration the lab did not run shows dashes.
+    ``rows`` maps a configuration to (its published run or None, its update rule, its metrics).
+    A configuration the lab did not run shows dashes.
     """
-    head = (
-        "| configuration | lab's run | rule | train acc: lab / ours / change "
-        "| test acc: lab / ours / change | loss: lab / ours / change |"
-    )
-    lines = [head, "|---|---|---|---:|---:|---:|"]
+    titles = [f"{_title(m)}: lab / ours / change" for m in REPORTED]
+    lines = [
+        f"| configuration | lab's run | rule | {' | '.join(titles)} |",
+        "|---|---|---|" + "---:|" * len(REPORTED),
+    ]
     for name, (run, rule, m) in rows.items():
         cells = []
-        for key, fmt in (("train_acc", "{:.2f}"), ("test_acc", "{:.2f}"), ("loss", "{:.4f}")):
-            ours = fmt.format(m[key])
+        for key in REPORTED:
+            ours = _shown(key, m[key])
             if run is None:
                 cells.append(f"- / {ours} / -")
             else:
                 lab = getattr(run, key)
-                change = fmt.replace(":", ":+").format(m[key] - lab)
-                cells.append(f"{fmt.format(lab)} / {ours} / {change}")
+                cells.append(f"{_shown(key, lab)} / {ours} / {_shown(key, m[key] - lab, '+')}")
         title = run.title if run else "none (not one of the lab's runs)"
         lines.append(f"| {name} | {title} | {rule} | {' | '.join(cells)} |")
     return "\n".join(lines)
@@ -58,14 +63,11 @@ def results(
 ) -> str:
     """``reports/results.md``: this run's table, then the comparison with the lab's runs of the
     same configurations on the same problem (``n_train`` / ``n_test`` examples)."""
-    against_lab = {
-        name: (
-            published_for(model.sizes, model.lamb, model.tau, model.iters, n_train, n_test),
-            model.gradient,
-            metrics[name],
-        )
-        for name, model in models.items()
-    }
+    against_lab = {}
+    for name, model in models.items():
+        h = model.hyper
+        published = published_for(model.sizes, h["lamb"], h["tau"], h["iters"], n_train, n_test)
+        against_lab[name] = (published, h["gradient"], metrics[name])
     return (
         "## This run\n\n" + run_table(models, metrics) + "\n\n"
         "## Beside the lab's published results (its last log lines)\n\n"

@@ -1,4 +1,4 @@
-"""Training one configuration: its initial weights, the fit, and the model it gives."""
+"""Training one configuration: its initial weights, the fit, its log points, and the model."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .artifacts import Prepared, TrainedModel
-from .backprop import DivergenceError, LogPoint, fit, init_weights
-from .config import Training
+from .artifacts import LogPoint, Prepared, TrainedModel
+from .backprop import DivergenceError, Weights, fit, init_weights
+from .config import FIT, RECORDED, Training
 from .errors import UserError
+from .evaluation import score
 from .parallel import Pool, thread_count
 
 
@@ -25,38 +26,32 @@ def train(
 ) -> TrainedModel:
     """Train ``config`` on ``data`` by full-batch backprop from the lab's initial weights (seeded
     by ``config.seed``), its ``config.blocks`` blocks run by ``threads`` threads (which change no
-    bit); ``on_point`` gets every log point (iteration 0, every ``log_every`` and the last).
-    ``Diverged`` (one line) if the loss stops being finite."""
+    bit); ``on_point`` gets every log point (iteration 0, every ``log_every`` and the last),
+    scored in the same blocks. ``Diverged`` (one line) if the loss stops being finite; an
+    exception raised by ``on_point`` stops training there."""
     sizes = [data.features, *config.hidden, data.classes]
     weights = init_weights(sizes, np.random.default_rng(config.seed))
     try:
         with Pool(thread_count(threads, config.blocks)) as pool:
+
+            def log(t: int, W: Weights) -> None:
+                if on_point is not None and (t % config.log_every == 0 or t == config.iters):
+                    scores = score(W, data, config.lamb, config.blocks, pool.map)
+                    if not np.isfinite(scores.loss):
+                        raise DivergenceError(t)
+                    on_point(LogPoint(t, scores))
+
             weights = fit(
                 data.X_train,
                 data.Y_train,
                 weights,
-                tau=config.tau,
-                lamb=config.lamb,
-                iters=config.iters,
-                gradient=config.gradient,
-                dtype=config.dtype,
-                log_every=config.log_every,
-                X_test=data.X_test,
-                y_test=data.y_test,
-                callback=on_point,
-                blocks=config.blocks,
+                **config.values(FIT),
                 map_blocks=pool.map,
+                callback=log,
             )
     except DivergenceError as e:
         raise Diverged(
             f"configuration {config.name} diverged: non-finite loss at iteration {e.iteration} "
             f"(tau={config.tau}, lamb={config.lamb}); nothing was written"
         ) from None
-    return TrainedModel(
-        tuple(weights),
-        lamb=config.lamb,
-        tau=config.tau,
-        iters=config.iters,
-        gradient=config.gradient,
-        blocks=config.blocks,
-    )
+    return TrainedModel(tuple(weights), config.values(RECORDED))

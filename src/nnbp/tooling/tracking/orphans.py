@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import first_line
+from ...errors import first_line
 from .heartbeat import HEARTBEAT_TAG, MACHINE_TAG, last_beat, machine, now_ms, timeout
 
 PROCESS_TAGS = ("nnbp.host", "nnbp.pid", "nnbp.process", MACHINE_TAG, HEARTBEAT_TAG)

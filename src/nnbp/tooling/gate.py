@@ -1,9 +1,10 @@
 """The metrics gate: fail when the metrics regressed against a baseline, or when ``dvc.lock``
 does not describe the models on disk.
 
-Tolerances come from ``gate:`` in params.yaml (``config.Tolerances``): an accuracy may fall by at
-most ``max_test_acc_drop`` / ``max_train_acc_drop`` percentage points, the loss may rise by at
-most ``max_loss_rise`` percent of its baseline value. A change exactly at the tolerance passes.
+Every metric of ``artifacts.METRICS`` is gated, with a tolerance from ``gate:`` in params.yaml
+(``config.Tolerances``): a metric that is better higher (an accuracy, in percent) may fall by at
+most ``max_NAME_drop`` percentage points, one better lower (the loss) may rise by at most
+``max_NAME_rise`` percent of its baseline value. A change exactly at the tolerance passes.
 Every configuration of the baseline must be in the new metrics and the other way round: a
 configuration, or a gated metric, missing on either side fails the gate.
 
@@ -11,35 +12,40 @@ The lock check: two DVC commands in one workspace can leave a dvc.lock whose par
 the outputs were made with (`dvc exp run -S iters=10` started while `dvc repro` trains is refused
 by DVC's lock, but only after it has written ``iters: 10`` into params.yaml, and the running repro
 records that beside models trained with 5,000). Each ``train@NAME`` entry's params, merged as the
-train stage merges them (``config.Training.read``), are compared with the hyperparameters
-``models/NAME.npz`` records (``artifacts.TrainedModel``).
+train stage merges them (``config.Training.read``), are compared with what ``models/NAME.npz``
+records (``artifacts.TrainedModel``): the values the schema marks ``RECORDED``, and the hidden
+sizes and dtype that its weights have.
 """
 
 from __future__ import annotations
 
 import math
-import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .artifacts import Metrics, TrainedModel, parse_metrics
-from .config import ConfigError, Params, Training, read_yaml
-from .errors import UserError
+from ..artifacts import METRICS, REPORTED, Metrics, TrainedModel, parse_metrics
+from ..config import RECORDED, Params, Training
+from ..dvcfiles import locked_params, nested, read_yaml
+from ..errors import ConfigError, UserError
+from . import git
 
 
 class GateError(UserError):
     """The gate could not run (a file missing or unreadable, no configuration to compare)."""
 
 
-# metric -> (params key, kind): "points" for an absolute fall of a percentage, "relative" for a
-# relative rise in percent. Only these metrics are gated; others in the files are ignored.
-GATED = {
-    "test_acc": ("max_test_acc_drop", "points"),
-    "train_acc": ("max_train_acc_drop", "points"),
-    "loss": ("max_loss_rise", "relative"),
-}
+def _gated(metric: str) -> tuple[str, str]:
+    """(its tolerance's key in ``gate:``, its kind): "points" for the fall of a percentage that
+    is better higher, "relative" for the rise, in percent, of a value that is better lower."""
+    if METRICS[metric]["better"] == "higher":
+        return f"max_{metric}_drop", "points"
+    return f"max_{metric}_rise", "relative"
+
+
+# Metrics not in METRICS that a metrics file holds are not gated.
+GATED = {metric: _gated(metric) for metric in REPORTED}
 EPS = 1e-9  # float noise: a change at the tolerance must pass
 
 
@@ -151,72 +157,44 @@ def table(checks: list[Check]) -> str:
 
 
 def metrics_at_ref(path: Path, ref: str) -> Metrics:
-    """The metrics file as committed at ``ref``, through ``git show``."""
+    """The metrics file as committed at ``ref``."""
     folder = path.resolve().parent
     if not folder.is_dir():
         raise GateError(f"{path.parent}: no such folder")
     try:
-        shown = subprocess.run(
-            ["git", "show", f"{ref}:./{path.name}"], cwd=folder, capture_output=True, text=True
-        )
-    except OSError as e:
-        raise GateError(f"cannot run git to read the baseline: {e.strerror or e}") from None
-    if shown.returncode != 0:
-        detail = (shown.stderr.strip().splitlines() or ["git show failed"])[-1]
-        detail = detail.removeprefix("fatal: ")
-        raise GateError(f"baseline {path} at {ref} cannot be read: {detail}")
-    return parse_metrics(shown.stdout, f"{path} at {ref}")
+        text = git.show(ref, f"./{path.name}", cwd=folder)
+    except git.GitError as e:
+        raise GateError(f"baseline {path} at {ref} cannot be read: {e.detail}") from None
+    return parse_metrics(text, f"{path} at {ref}")
 
 
-def _recorded(model: TrainedModel) -> dict[str, Any]:
-    """What a model records of its configuration, as ``config.Training`` names it."""
-    return {
-        "hidden": tuple(model.hidden),
-        "dtype": model.dtype,
-        "lamb": model.lamb,
-        "tau": model.tau,
-        "iters": model.iters,
-        "gradient": model.gradient,
-        "blocks": model.blocks,
-    }
+def _disagreements(training: Training, model: TrainedModel) -> list[tuple[str, Any, Any]]:
+    """(parameter, its value in the configuration, the model's) for each that differs."""
+    pairs = {key: (value, model.hyper[key]) for key, value in training.values(RECORDED).items()}
+    pairs["hidden"] = (list(training.hidden), model.hidden)
+    pairs["dtype"] = (training.dtype, model.dtype)
+    return [(key, wanted, got) for key, (wanted, got) in pairs.items() if wanted != got]
 
 
 def lock_mismatches(lock: Path, models: Path) -> list[str]:
     """One line per hyperparameter on which a ``train@NAME`` entry of ``lock`` and
     ``models/NAME.npz`` disagree; models or stages without a counterpart are not compared."""
-    entries = read_yaml(lock)
-    entries = (entries.get("stages") if isinstance(entries, Mapping) else None) or {}
     problems = []
-    for stage, entry in entries.items():
-        if not str(stage).startswith("train@") or not isinstance(entry, Mapping):
-            continue
-        name = str(stage).removeprefix("train@")
+    for stage, locked in locked_params(read_yaml(lock)).items():
+        name = stage.removeprefix("train@")
         path = models / f"{name}.npz"
-        if not path.is_file():
+        if not stage.startswith("train@") or not path.is_file():
             continue
-        locked = (entry.get("params") or {}).get("params.yaml") or {}
-        # dvc.lock records each declared key flat ("configs.h25", "tau"): nest them again
-        values: dict[str, Any] = {}
-        for key, value in locked.items():
-            *parents, last = str(key).split(".")
-            node = values
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[last] = value
         try:
-            training = Training.read(Params(values, list(locked), source=str(lock)), name)
+            training = Training.read(Params(nested(locked), list(locked), source=str(lock)), name)
         except ConfigError as e:
             problems.append(f"{e}; run dvc repro -f {stage}")
             continue
-        for key, value in _recorded(TrainedModel.load(path)).items():
-            if getattr(training, key) != value:
-                shown = list(value) if isinstance(value, tuple) else value
-                wanted = getattr(training, key)
-                wanted = list(wanted) if isinstance(wanted, tuple) else wanted
-                problems.append(
-                    f"{lock} disagrees with {path}: {key} is {wanted} in {lock} but {shown} in "
-                    f"the model (two DVC commands in one workspace?); run dvc repro -f {stage}"
-                )
+        for key, wanted, got in _disagreements(training, TrainedModel.load(path)):
+            problems.append(
+                f"{lock} disagrees with {path}: {key} is {wanted} in {lock} but {got} in "
+                f"the model (two DVC commands in one workspace?); run dvc repro -f {stage}"
+            )
     return problems
 
 

@@ -1,14 +1,15 @@
-"""What every command shares (the stage scripts, ``nnbp-gate``, ``nnbp-close-orphans``):
-one-line errors, SIGTERM handled like Ctrl-C, and the progress bar.
-
-A command is ``@click.command(cls=Stage)`` over a function decorated with ``@user_errors``:
+"""The command layer: what the stage scripts (``@click.command(cls=Stage)``) and the console tools
+(``cls=Tool``) share, in one place: one-line errors, the one signal path, the progress bar.
 
 - a bad option (Click's usage errors: unknown, misspelt, missing) is one line ``Error: ...``
   and exit status 2, without Click's usage lines; so is a bad parameter in params.yaml;
 - bad data, an unusable tracking store, an output that cannot be written (read-only or full
   disk) or running out of memory is one line ``Error: ...`` and exit status 1;
-- Ctrl-C is one line and exit status 130, SIGTERM likewise with 143; under DVC, a stage gets
-  SIGTERM when DVC dies (``nnbp.parent``), so it never trains on as an orphan.
+- Ctrl-C is one line and exit status 130, SIGTERM likewise with 143: SIGTERM raises
+  ``Terminated``, a ``KeyboardInterrupt``, so every cleanup written for Ctrl-C runs for it too
+  (an MLflow run is closed as KILLED, a group of renames finishes first: ``nnbp.files``);
+- a stage, under DVC, gets SIGTERM when DVC dies (``nnbp.tooling.parent``), so it never trains
+  on as an orphan.
 
 Outputs are written atomically (``nnbp.files``), so whatever was there before is left as it was.
 """
@@ -16,17 +17,18 @@ Outputs are written atomically (``nnbp.files``), so whatever was there before is
 from __future__ import annotations
 
 import contextlib
-import functools
 import signal
 import sys
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from .backprop import LogPoint
-from .errors import UserError, one_line
+from ..errors import UserError, one_line
 from .parent import end_with_dvc
+
+if TYPE_CHECKING:  # a stage that draws no progress loads none of the formats
+    from ..artifacts import LogPoint
 
 INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 TERMINATED = 143  # 128 + SIGTERM
@@ -34,6 +36,11 @@ TERMINATED = 143  # 128 + SIGTERM
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C so that every cleanup for an interruption runs."""
+
+
+class _Interrupted(Exception):
+    """A ``KeyboardInterrupt`` out of a command's callback, carried past Click (which would turn
+    it into ``Abort`` after printing an empty line)."""
 
 
 def _sigterm(signum: int, frame: Any) -> None:
@@ -57,23 +64,30 @@ def _sigterm_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def fail(message: str, status: int = 1) -> None:
-    """Print ``Error: message`` as one line on stderr and exit with ``status``."""
+def _fail(message: object, status: int = 1) -> None:
+    """``Error: message`` as one line on stderr, and exit with ``status``."""
     click.echo(f"Error: {one_line(message)}", err=True)
     sys.exit(status)
 
 
-def interrupted(e: BaseException) -> None:
+def _interrupted(e: BaseException) -> None:
     """Report an interruption in one line and exit 130 (Ctrl-C) or 143 (SIGTERM)."""
-    if any(isinstance(x, Terminated) for x in (e, e.__cause__, e.__context__)):
+    chain = (e, e.__cause__, e.__context__)
+    if any(isinstance(x, Terminated) for x in chain):
         click.echo("terminated (SIGTERM): stopped; no output is half-written", err=True)
         sys.exit(TERMINATED)
     click.echo("interrupted (Ctrl-C): stopped; no output is half-written", err=True)
     sys.exit(INTERRUPTED)
 
 
-class Stage(click.Command):
+class Command(click.Command):
     """A command whose every error ends in one line on stderr and a non-zero exit."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as e:
+            raise _Interrupted() from e
 
     def main(  # type: ignore[override]
         self,
@@ -87,50 +101,36 @@ class Stage(click.Command):
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
             with _sigterm_interrupts():
-                if getattr(self.callback, "__module__", None) == "__main__":  # the program itself
-                    end_with_dvc()  # SIGTERM, handled like any other, when DVC dies
                 status = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.ClickException as e:  # UsageError (exit 2) included
-            fail(e.format_message(), e.exit_code)
-        except click.Abort as e:  # Click's wrapper of a KeyboardInterrupt outside the callback
-            interrupted(e)
-        except KeyboardInterrupt as e:
-            interrupted(e)
+            _fail(e.format_message(), e.exit_code)
+        except UserError as e:
+            _fail(e, e.exit_code)
+        except OSError as e:
+            _fail(f"{e.filename}: {e.strerror or e}" if e.filename else (e.strerror or e))
+        except MemoryError:
+            _fail("out of memory: the data or the network is too large for this machine")
+        except _Interrupted as e:
+            _interrupted(e.__cause__ or e)
+        except (click.Abort, KeyboardInterrupt) as e:  # outside the callback
+            _interrupted(e)
         sys.exit(status if isinstance(status, int) else 0)
 
 
-def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn the user's mistakes and environment faults into one line on stderr and exit 1.
+class Stage(Command):
+    """A DVC stage's script: under DVC, it ends with DVC (``end_with_dvc``)."""
 
-    Bad data, an unusable tracking store, or an output that cannot be written (read-only or
-    full disk) are the user's to fix, so they get a message, not a traceback. Outputs are written
-    atomically, so whatever was there before is left as it was.
-    """
+    def invoke(self, ctx: click.Context) -> Any:
+        end_with_dvc()  # SIGTERM, handled like any other, when DVC dies
+        return super().invoke(ctx)
 
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            with _sigterm_interrupts():
-                return fn(*args, **kwargs)
-        except UserError as e:
-            error = click.ClickException(one_line(e))
-            error.exit_code = e.exit_code
-            raise error from None
-        except OSError as e:
-            where = f"{e.filename}: " if e.filename else ""
-            raise click.ClickException(one_line(f"{where}{e.strerror or e}")) from None
-        except MemoryError:
-            raise click.ClickException(
-                "out of memory: the data or the network is too large for this machine"
-            ) from None
-        except KeyboardInterrupt as e:
-            interrupted(e)
 
-    return wrapper
+class Tool(Command):
+    """A console tool of the package (``nnbp-gate``...)."""
 
 
 def path_option(name: str, default: str, *, folder: bool = False, dest: str | None = None) -> Any:
-    """An option naming an input or output of a command, its default the path dvc.yaml gives."""
+    """An option naming an input or output of a stage, its default the path dvc.yaml gives."""
     kind = click.Path(file_okay=not folder, dir_okay=folder)
     decls = (name, dest) if dest else (name,)
     return click.option(*decls, type=kind, default=default, show_default=True)
@@ -147,7 +147,8 @@ class Progress:
 
     def show(self, point: LogPoint) -> None:
         self._bar.update(point.iteration - self._bar.n)
-        self._bar.set_postfix(loss=f"{point.loss:.4f}", acc=f"{point.train_acc:.1f}")
+        scores = point.scores
+        self._bar.set_postfix(loss=f"{scores.loss:.4f}", acc=f"{scores.train_acc:.1f}")
 
     def __enter__(self) -> Progress:
         return self

@@ -6,7 +6,8 @@ form the network was trained on (z-scored as the ``prepare`` stage does), and re
 predicted digit of each, 0..9, as int64 (n,). The weights are the ``.npz`` that the ``train``
 stage wrote and DVC tracks, logged beside this file as the artifact ``weights``; it is read, and
 the network run, by a copy of the nnbp modules that define them (``nnbp.artifacts``,
-``nnbp.backprop`` and what they import), logged with the model as ``code/nnbp_model/``: the code
+``nnbp.backprop`` and what they import: ``MODULES``), logged with the model as
+``code/nnbp_model/``: the code
 that trained it, loadable where nnbp is not installed, and under a name of its own, so that
 loading the model never shadows an installed nnbp. With other than 10 classes, the output is the
 file's label 1..K.
@@ -16,9 +17,12 @@ This file imports nothing of nnbp at its top: on load it runs alone.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +32,10 @@ from mlflow.pyfunc import PythonModel
 
 WEIGHTS = "weights"  # the artifact's key
 PACKAGE = "nnbp_model"  # the copy of nnbp's modules logged with the model
-# What TrainedModel.load and backprop.predict need; each imports only these (relatively).
-MODULES = ("__init__", "errors", "archive", "files", "backprop", "artifacts")
+# What TrainedModel.load and backprop.predict need, of the package's numerics (two folders up);
+# each imports only these (relatively).
+MODULES = ("__init__", "errors", "files", "archive", "dvcfiles", "config", "backprop", "artifacts")
+NUMERICS = Path(__file__).resolve().parents[2]
 
 
 def to_digits(indices: np.ndarray, classes: int) -> np.ndarray:
@@ -60,19 +66,23 @@ class Network(PythonModel):
         return to_digits(self.backprop.predict(list(self.model.weights), X.T), K)
 
 
-def log_model(name: str, weights_path: str | Path, input_example: np.ndarray, step: int) -> str:
-    """Log the network of ``weights_path`` to MLflow's active run as a Model named ``name``,
-    linked to the metrics of ``step``; returns its ``models:/`` URI.
+def log_model(
+    uri: str, run_id: str, name: str, weights_path: str | Path, input_example: np.ndarray, step: int
+) -> str:
+    """Log the network of ``weights_path`` to run ``run_id`` of the store ``uri`` as a Model
+    named ``name``, linked to the metrics of ``step``; returns its ``models:/`` URI.
 
     ``input_example`` is a few images as rows (n, d); the signature is (n, d) float64 images in,
-    (n,) int64 digits out. The LoggedModel is tagged with the weights file's MD5.
+    (n,) int64 digits out. The LoggedModel is tagged with the weights file's MD5. MLflow logs a
+    model to its active run: the run is resumed for it and ended again (MLflow's fluent API marks it
+    FINISHED; its owner sets the status it ends with), without MLflow printing its link.
     """
     import mlflow.pyfunc
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
-    from .files import file_md5
-    from .tracking.store import WEIGHTS_MD5_TAG
+    from ...files import file_md5
+    from .store import WEIGHTS_MD5_TAG
 
     d = input_example.shape[1]
     signature = ModelSignature(
@@ -81,23 +91,44 @@ def log_model(name: str, weights_path: str | Path, input_example: np.ndarray, st
     )
     # Given, the requirements are not inferred (which loads the model in a subprocess).
     requirements = [f"mlflow=={mlflow.__version__}", f"numpy=={np.__version__}"]
-    with tempfile.TemporaryDirectory() as tmp:
-        code = Path(tmp) / PACKAGE
-        code.mkdir()
-        for module in MODULES:
-            shutil.copy(Path(__file__).with_name(f"{module}.py"), code / f"{module}.py")
-        info = mlflow.pyfunc.log_model(
-            name=name,
-            python_model=__file__,
-            artifacts={WEIGHTS: str(weights_path)},
-            code_paths=[str(code)],
-            signature=signature,
-            input_example=input_example,
-            pip_requirements=requirements,
-            tags={WEIGHTS_MD5_TAG: file_md5(weights_path)},
-            step=step,
-        )
+    mlflow.set_tracking_uri(uri)
+    mlflow.start_run(run_id=run_id)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            code = Path(tmp) / PACKAGE
+            code.mkdir()
+            for module in MODULES:
+                shutil.copy(NUMERICS / f"{module}.py", code / f"{module}.py")
+            info = mlflow.pyfunc.log_model(
+                name=name,
+                python_model=__file__,
+                artifacts={WEIGHTS: str(weights_path)},
+                code_paths=[str(code)],
+                signature=signature,
+                input_example=input_example,
+                pip_requirements=requirements,
+                tags={WEIGHTS_MD5_TAG: file_md5(weights_path)},
+                step=step,
+            )
+    finally:
+        with _quiet_end():
+            mlflow.end_run()
     return info.model_uri
+
+
+@contextlib.contextmanager
+def _quiet_end() -> Iterator[None]:
+    """MLflow prints a run's link when its fluent run ends: not here, where the run goes on."""
+    key = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
+    saved = os.environ.get(key)
+    os.environ[key] = "true"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = saved
 
 
 mlflow.models.set_model(Network())

@@ -1,6 +1,6 @@
 """One training run in MLflow, as a context manager: FINISHED when its block ends, FAILED on
-an error, KILLED on Ctrl-C or SIGTERM. ``Run.start`` gives a ``NullRun`` when tracking is off,
-which takes the same calls and does nothing.
+an error, KILLED on Ctrl-C or SIGTERM. With tracking off (``NNBP_TRACKING=off``) ``Run.start``
+gives a run that is not ``enabled``: every call does nothing, and MLflow is not even imported.
 
 Tracking never costs a training result: the store is checked before training starts; a
 transient store error is retried (``retry``); if live logging still fails, training goes on, the
@@ -8,38 +8,37 @@ run keeps its whole history and sends it again when it ends, and whatever still 
 named in one line. A run records its process and keeps a heartbeat (``orphans``, ``heartbeat``)
 so that it is never left RUNNING for good, whichever machine it ran on.
 
-What a run holds: the hyperparameters, the training and test sets as dataset inputs, the loss and
-accuracies at every log point, figures and history as artifacts, and the trained network as an
-MLflow Model (``nnbp.mlflow_model``).
+What a run holds: the training parameters (``training_params``), the training and test sets as
+dataset inputs, the metrics at every log point and the system metrics (``system``), the
+trained network as an MLflow Model (``mlflow_model``), and what the stage gives it as artifacts.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import getpass
 import os
 import sys
-import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import numpy as np
 
-from .. import figures
-from ..artifacts import History, Prepared, TrainedModel
-from ..backprop import LogPoint
-from ..config import Training
-from ..errors import first_line
-from ..files import file_md5
+from ...artifacts import LogPoint, Prepared
+from ...config import Training
+from ...errors import first_line
+from ...files import file_md5
+from .. import git
 from .heartbeat import Heartbeat, interval, machine, timeout
 from .orphans import close_orphans, orphan_note, process_tags
 from .retry import retrying
-from .store import TrackingError, check_store, git, open_experiment, tracking_uri
+from .store import TrackingError, check_store, open_experiment, tracking_uri
 from .system import sampling
 
 # DVC's variables for a stage run inside an experiment, recorded as run tags.
@@ -49,22 +48,6 @@ DVC_TAGS = {
     "DVC_STAGE": "dvc_stage",
 }
 BATCH = 1000  # MLflow's limit of metrics per log_batch
-EXAMPLES = 5  # test images in the MLflow Model's input example
-
-
-@contextlib.contextmanager
-def _env(**values: str) -> Iterator[None]:
-    """Environment variables set for the block, restored after it."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _login() -> str:
@@ -79,33 +62,41 @@ def run_name(config: str) -> str:
     (``dvc exp run``) or, for ``dvc repro``, the commit trained from."""
     if os.environ.get("DVC_EXP_NAME"):
         return f"{config} ({os.environ['DVC_EXP_NAME']})"
-    commit = git("rev-parse", "HEAD")
+    commit = git.head()
     return f"{config} (repro {commit[:7]})" if commit else config
+
+
+def run_tags(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """What a run is tagged with: the commit, who ran it and where (its process, its machine,
+    a first heartbeat), the DVC stage and experiment, then ``extra``."""
+    tags = {
+        "git_commit": git.head() or "unknown",
+        "mlflow.source.name": "dvc.yaml",
+        # who ran it: the server account, else the login (MLflow's own fluent default)
+        "mlflow.user": os.environ.get("MLFLOW_TRACKING_USERNAME") or _login(),
+        **process_tags(),
+    }
+    tags.update({tag: os.environ[var] for var, tag in DVC_TAGS.items() if os.environ.get(var)})
+    tags.update(extra or {})
+    return tags
 
 
 def training_params(
     config: Training, threads: int | str, data_path: str, data: Prepared
 ) -> dict[str, Any]:
-    """What a training run logs as params: its configuration, layers, data and how it ran
-    (threads, and the BLAS kernels that ran, on which the last bits depend)."""
+    """What a training run logs as params: every training parameter of the schema, the layers,
+    the data, and how it ran (threads, and the BLAS kernels that ran, on which the last bits
+    depend)."""
     from threadpoolctl import threadpool_info
 
-    from ..parallel import thread_count
+    from ...parallel import thread_count
 
     blas = [i for i in threadpool_info() if i.get("user_api") == "blas"]
-    sizes = [data.features, *config.hidden, data.classes]
+    values = {k: list(v) if isinstance(v, tuple) else v for k, v in config.model_dump().items()}
     return {
-        "config": config.name,
-        "sizes": "-".join(map(str, sizes)),
-        "hidden": list(config.hidden),
-        "tau": config.tau,
-        "lamb": config.lamb,
-        "iters": config.iters,
-        "seed": config.seed,
-        "gradient": config.gradient,
-        "dtype": config.dtype,
-        "log_every": config.log_every,
-        "blocks": config.blocks,
+        "config": values.pop("name"),
+        "sizes": "-".join(map(str, [data.features, *config.hidden, data.classes])),
+        **values,
         "threads": thread_count(threads, config.blocks),
         "blas_kernels": blas[0].get("architecture", "?") if blas else "?",
         "data_path": data_path,
@@ -115,92 +106,46 @@ def training_params(
     }
 
 
-class NullRun:
-    """A run when tracking is off: every call does nothing."""
-
-    run_id: str | None = None
-
-    def __enter__(self) -> NullRun:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def log_point(self, point: LogPoint) -> None:
-        pass
-
-    def log_datasets(self, data_path: str, data: Prepared) -> None:
-        pass
-
-    def log_results(self, *args: Any) -> None:
-        pass
-
-    def system_metrics(self) -> contextlib.AbstractContextManager[None]:
-        return contextlib.nullcontext()
-
-    def end(self, status: str = "FINISHED") -> None:
-        pass
-
-
 class Run:
-    """One MLflow run, named after a configuration. Use ``Run.start`` to open it."""
+    """One MLflow run of a configuration; ``Run.start`` opens it. Not ``enabled`` (tracking off):
+    every call does nothing."""
 
-    def __init__(self, client: Any, run_id: str, name: str = "", uri: str = "") -> None:
-        self._client = client
-        self.run_id = run_id
-        self.name = name
-        self._uri = uri
+    def __init__(self, client: Any, run_id: str, name: str, uri: str, beat_every: float) -> None:
+        self._client, self.run_id, self.name, self._uri = client, run_id, name, uri
         self._history: list[Any] = []  # every metric logged, with its timestamp, in order
         self._live = True  # False once live logging gave up: the rest waits for end()
         self._unsent: list[str] = []  # what end() could not deliver either
-        self._logging = threading.RLock()  # training and the system metrics thread both log; a
-        # signal handler ending the run may interrupt the main thread inside log_metrics
-        self._heartbeat: Heartbeat | None = None
+        # training and the system metrics' thread both log; a signal handler ending the run may
+        # interrupt the main thread inside log_metrics
+        self._logging = threading.RLock()
+        self._heartbeat = Heartbeat(client, run_id, beat_every) if client is not None else None
+
+    @property
+    def enabled(self) -> bool:
+        return self._client is not None
 
     @classmethod
     def start(
         cls, name: str, params: Mapping[str, Any], tags: Mapping[str, str] | None = None
-    ) -> Run | NullRun:
-        """Open a run of configuration ``name`` with ``params`` and tags; a ``NullRun`` when
-        tracking is off. The run's name adds the DVC experiment (``run_name``).
+    ) -> Run:
+        """Open a run of configuration ``name`` with ``params`` and tags (``run_tags``), after
+        closing the runs left RUNNING by processes that are gone; a run that is not enabled when
+        tracking is off.
 
         Raises ``TrackingError`` (one line) when the store cannot be used, before any training.
         """
         uri = tracking_uri()
         if uri is None:
-            return NullRun()
+            return cls(None, "", name, "", 0.0)
         beat_every, stale_after = interval(), timeout()  # bad settings: one line, no request
         check_store(uri)
         try:
             client, experiment_id = open_experiment(uri)
             _close_orphans_before(client, experiment_id, name, stale_after)
-            all_tags = {
-                "git_commit": git("rev-parse", "HEAD") or "unknown",
-                "mlflow.source.name": "dvc.yaml",
-                # who ran it: the server account, else the login (MLflow's own fluent default)
-                "mlflow.user": os.environ.get("MLFLOW_TRACKING_USERNAME") or _login(),
-                **process_tags(),
-            }
-            for var, tag in DVC_TAGS.items():
-                if os.environ.get(var):
-                    all_tags[tag] = os.environ[var]
-            all_tags.update(tags or {})
-            run = retrying(client.create_run, experiment_id, run_name=run_name(name), tags=all_tags)
-            from mlflow.entities import Param
-
-            try:
-                batch = [Param(k, str(v)) for k, v in params.items()]
-                retrying(client.log_batch, run.info.run_id, params=batch)
-            except BaseException as e:  # Ctrl-C or a store error: never leave it RUNNING
-                status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
-                with contextlib.suppress(Exception):
-                    client.set_terminated(run.info.run_id, status)
-                raise
+            run_id = _create(client, experiment_id, run_name(name), params, run_tags(tags))
         except Exception as e:
             raise TrackingError(f"MLflow store {uri} cannot be used: {first_line(e)}") from None
-        started = cls(client, run.info.run_id, name, uri)
-        started._heartbeat = Heartbeat(client, run.info.run_id, beat_every)
-        return started
+        return cls(client, run_id, name, uri, beat_every)
 
     def __enter__(self) -> Run:
         return self
@@ -216,7 +161,7 @@ class Run:
         else:
             self.end("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
 
-    def _send(self, fn: Any, *args: Any) -> str | None:
+    def _send(self, fn: Callable[..., Any], *args: Any) -> str | None:
         """``fn(*args)`` with retries of transient errors; the error's first line if it fails."""
         try:
             retrying(fn, *args)
@@ -225,12 +170,13 @@ class Run:
             return first_line(e)
 
     def log_point(self, point: LogPoint) -> None:
-        """A log point's loss and accuracies, at its iteration."""
-        metrics = {"loss": point.loss, "train_acc": point.train_acc, "test_acc": point.test_acc}
-        self.log_metrics(metrics, step=point.iteration)
+        """A log point's metrics, at its iteration."""
+        self.log_metrics(dataclasses.asdict(point.scores), step=point.iteration)
 
     def log_metrics(self, metrics: Mapping[str, float | None], step: int) -> None:
         """Log a point live; if the store stays unusable, keep it for ``end`` to resend."""
+        if not self.enabled:
+            return
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -247,17 +193,29 @@ class Run:
 
     def system_metrics(self) -> contextlib.AbstractContextManager[None]:
         """While the block runs, the machine's and this process's CPU and memory, logged as
-        ``system/...`` metrics (``nnbp.tracking.system``)."""
-        return sampling(self.log_metrics)
+        ``system/...`` metrics (``nnbp.tooling.tracking.system``)."""
+        return sampling(self.log_metrics if self.enabled else None)
 
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        if error := self._send(self._client.log_artifact, self.run_id, str(path), artifact_path):
+    def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
+        """The file ``path`` as an artifact of the run, in ``folder``."""
+        if not self.enabled:
+            return
+        if error := self._send(self._client.log_artifact, self.run_id, str(path), folder):
             self._unsent.append(f"artifact {Path(path).name} ({error})")
+
+    def log_figure(self, figure: Any, path: str) -> None:
+        """A matplotlib figure as the PNG artifact ``path``."""
+        if not self.enabled:
+            return
+        if error := self._send(self._client.log_figure, self.run_id, figure, path):
+            self._unsent.append(f"figure {path} ({error})")
 
     def log_datasets(self, data_path: str, data: Prepared) -> None:
         """Log the training and test sets (contexts ``training``, ``test``) as dataset inputs
         named after the data file, their digest the file's MD5 (what DVC records), their source
         the file; each as trained on: images as rows (n, d), and labels (n,)."""
+        if not self.enabled:
+            return
         splits = {"training": (data.X_train.T, data.y_train), "test": (data.X_test.T, data.y_test)}
         if error := self._send(self._log_datasets, data_path, splits):
             self._unsent.append(f"the datasets ({error})")
@@ -286,63 +244,25 @@ class Run:
             inputs.append(DatasetInput(entity, [InputTag(MLFLOW_DATASET_CONTEXT, context)]))
         self._client.log_inputs(self.run_id, datasets=inputs)
 
-    def log_results(
-        self,
-        model: TrainedModel,
-        history: History,
-        model_path: Path,
-        history_path: Path,
-        data: Prepared,
-    ) -> None:
-        """What training made: the MLflow Model of ``model_path`` (its input example the first
-        test images), this run's feature grid and curves, and the history file."""
-        # The last log point is the run's result: MLflow shows each metric's last value, and
-        # the model is linked to the metrics of that step.
-        example = data.X_test[:, :EXAMPLES].T
-        self.log_model(self.name, model_path, example, step=history.points[-1].iteration)
-        with tempfile.TemporaryDirectory() as tmp:
-            for filename, figure in figures.run_figures(
-                self.name, model, history, data.image_shape
-            ).items():
-                figures.save(figure, Path(tmp) / filename)
-                self.log_artifact(Path(tmp) / filename, "figures")
-        self.log_artifact(history_path, "history")
+    def log_model(self, weights_path: str | Path, input_example: np.ndarray, step: int) -> None:
+        """The network of ``weights_path`` as an MLflow Model named after the configuration
+        (``mlflow_model``), linked to this run and to the metrics of ``step``; its input example
+        a few images as rows (n, d)."""
+        if not self.enabled:
+            return
+        from .mlflow_model import log_model
 
-    def log_model(
-        self, name: str, weights_path: str | Path, input_example: np.ndarray, step: int
-    ) -> str | None:
-        """Log the network of ``weights_path`` as an MLflow Model (``nnbp.mlflow_model``) linked
-        to this run; its ``models:/`` URI, or None if that failed (named when the run ends)."""
-        uri: list[str] = []
-        if error := self._send(
-            lambda: uri.append(self._log_model(name, weights_path, input_example, step))
-        ):
+        model = (self._uri, self.run_id, self.name, weights_path, input_example, step)
+        if error := self._send(log_model, *model):
             self._unsent.append(f"the MLflow Model ({error})")
-        return uri[0] if uri else None
-
-    def _log_model(
-        self, name: str, weights_path: str | Path, input_example: np.ndarray, step: int
-    ) -> str:
-        import mlflow
-
-        from .. import mlflow_model
-
-        mlflow.set_tracking_uri(self._uri)
-        # log_model logs to the active run: resume ours, and hand it back to ``end``.
-        mlflow.start_run(run_id=self.run_id)
-        try:
-            return mlflow_model.log_model(name, weights_path, input_example, step)
-        finally:
-            # Leave the fluent state; ``end`` sets the real status and prints the run's link.
-            with _env(MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT="true"):
-                mlflow.end_run()
 
     def end(self, status: str = "FINISHED") -> None:
         """Close the run as FINISHED, FAILED or KILLED, after resending the whole metric history
         if live logging broke (identical points are stored once, so this cannot duplicate).
         Whatever still cannot be sent is named in one warning line."""
-        if self._heartbeat is not None:
-            self._heartbeat.stop()
+        if not self.enabled:
+            return
+        self._heartbeat.stop()
         if not self._live:
             for i in range(0, len(self._history), BATCH):
                 chunk = self._history[i : i + BATCH]
@@ -361,6 +281,25 @@ class Run:
                 f"{'; '.join(self._unsent)}; the stage's outputs are written all the same",
                 file=sys.stderr,
             )
+
+
+def _create(
+    client: Any, experiment_id: str, name: str, params: Mapping[str, Any], tags: dict[str, str]
+) -> str:
+    """A new RUNNING run with ``params``; its id. A run whose params could not be logged is
+    closed at once (KILLED on Ctrl-C, else FAILED), never left RUNNING."""
+    from mlflow.entities import Param
+
+    run = retrying(client.create_run, experiment_id, run_name=name, tags=tags)
+    try:
+        batch = [Param(k, str(v)) for k, v in params.items()]
+        retrying(client.log_batch, run.info.run_id, params=batch)
+    except BaseException as e:
+        status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+        with contextlib.suppress(Exception):
+            client.set_terminated(run.info.run_id, status)
+        raise
+    return run.info.run_id
 
 
 def _close_orphans_before(client: Any, experiment_id: str, name: str, stale_after: float) -> None:

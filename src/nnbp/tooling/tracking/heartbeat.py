@@ -18,7 +18,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from ..errors import UserError
+from ...errors import UserError
 
 HEARTBEAT_TAG = "nnbp.heartbeat"
 MACHINE_TAG = "nnbp.machine"

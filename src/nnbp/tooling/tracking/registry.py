@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from ..errors import first_line
-from ..files import file_md5
+from ...errors import first_line
+from ...files import file_md5
 from .store import (
     OPT_OUT,
     WEIGHTS_MD5_TAG,

@@ -14,9 +14,11 @@ from pathlib import Path
 
 import click
 
-from . import config, team
-from .artifacts import load_metrics
-from .cli import Stage, user_errors
+from .. import config
+from ..artifacts import load_metrics
+from ..dvcfiles import read_yaml
+from . import team
+from .cli import Tool
 from .gate import metrics_at_ref, run_gate
 from .tracking.orphans import close_orphan_runs, orphan_note
 from .tracking.store import OPT_OUT
@@ -25,7 +27,7 @@ FILE = click.Path(dir_okay=False, path_type=Path)
 FOLDER = click.Path(file_okay=False, path_type=Path)
 
 
-@click.command(cls=Stage)
+@click.command(cls=Tool)
 @click.option(
     "--metrics",
     "metrics_path",
@@ -85,7 +87,6 @@ FOLDER = click.Path(file_okay=False, path_type=Path)
     type=click.FloatRange(min=0),
     help="Percent (relative) the loss may rise [params: gate.max_loss_rise].",
 )
-@user_errors
 def gate(
     metrics_path: Path,
     baseline_ref: str,
@@ -103,7 +104,7 @@ def gate(
     given = {k: v for k, v in overrides.items() if v is not None}
     tolerances = given
     if len(given) < len(overrides):  # the rest from params.yaml
-        params = config.Params(config.read_yaml(params_path), ["gate"], source=str(params_path))
+        params = config.Params(read_yaml(params_path), ["gate"], source=str(params_path))
         tolerances = {**config.Tolerances.read(params).model_dump(), **given}
     new = load_metrics(metrics_path)
     if baseline_path is not None:
@@ -126,8 +127,7 @@ def gate(
         sys.exit(1)
 
 
-@click.command(cls=Stage)
-@user_errors
+@click.command(cls=Tool)
 def close_orphans() -> None:
     """Close the MLflow runs left RUNNING by a training process that is gone.
 
@@ -149,11 +149,10 @@ def close_orphans() -> None:
         click.echo(f"{uri}: no orphaned run")
 
 
-@click.command(cls=Stage)
+@click.command(cls=Tool)
 @click.option("-r", "--remote", help="The DVC remote for the outputs [default: the default one].")
 @click.argument("git_remote")
 @click.argument("experiments", nargs=-1)
-@user_errors
 def share(remote: str | None, git_remote: str, experiments: tuple[str, ...]) -> None:
     """Push experiments (all of the current commit's when none is named) to GIT_REMOTE and
     their outputs to the DVC remote: `dvc exp push`, once the DVC remote has answered, so that
@@ -162,10 +161,9 @@ def share(remote: str | None, git_remote: str, experiments: tuple[str, ...]) -> 
     click.echo(f"shared through git remote '{git_remote}' and {label}")
 
 
-@click.command(cls=Stage)
+@click.command(cls=Tool)
 @click.argument("git_remote")
 @click.argument("experiment")
-@user_errors
 def apply(git_remote: str, experiment: str) -> None:
     """Pull EXPERIMENT from GIT_REMOTE with its outputs (from the DVC remote) and apply it to
     the workspace, only once every output has arrived; otherwise one line, and the workspace is

@@ -18,7 +18,6 @@ import fcntl
 import http.client
 import logging
 import os
-import subprocess
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -26,7 +25,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError, one_line
+from ...errors import UserError, one_line
+from .. import git
 from .retry import retrying
 
 EXPERIMENT = "tp5-neural-networks"
@@ -59,18 +59,7 @@ def project_root() -> Path:
     """The workspace root: DVC's ``DVC_ROOT``, else the git top level, else the cwd."""
     if os.environ.get("DVC_ROOT"):
         return Path(os.environ["DVC_ROOT"]).resolve()
-    top = git("rev-parse", "--show-toplevel")
-    return Path(top) if top else Path.cwd()
-
-
-def git(*args: str) -> str | None:
-    """What ``git ARGS`` prints, stripped; None outside a repository or without git."""
-    try:
-        return subprocess.run(
-            ["git", *args], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
+    return git.top_level() or Path.cwd()
 
 
 def tracking_uri() -> str | None:

@@ -11,14 +11,15 @@ workspace's params, lock and outputs. ``share`` checks the DVC remote before any
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError, first_line, one_line
+from ..dvcfiles import locked_outputs, parse_yaml
+from ..errors import UserError, first_line, one_line
+from . import git
 
 
 class RemoteError(UserError):
@@ -106,23 +107,12 @@ def share(git_remote: str, experiments: list[str], remote: str | None) -> str:
     return label
 
 
-def _git(*args: str) -> str:
-    return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout
-
-
 def _outputs(ref: str) -> list[tuple[str, str]]:
     """(path, md5) of every output in the dvc.lock of commit ``ref`` that DVC caches (those
     with ``cache: false`` are in git, with the commit)."""
-    from ruamel.yaml import YAML
-
-    lock = YAML(typ="safe").load(io.StringIO(_git("show", f"{ref}:dvc.lock"))) or {}
-    in_git = set(_git("ls-tree", "-r", "--name-only", ref).splitlines())
-    return [
-        (out["path"], out["md5"])
-        for stage in lock.get("stages", {}).values()
-        for out in stage.get("outs", [])
-        if "md5" in out and out["path"] not in in_git
-    ]
+    lock = parse_yaml(git.show(ref, "dvc.lock"), f"dvc.lock at {ref}")
+    in_git = set(git.run("ls-tree", "-r", "--name-only", ref).splitlines())
+    return [(path, md5) for path, md5 in locked_outputs(lock) if path not in in_git]
 
 
 def missing_outputs(ref: str) -> list[str]:
@@ -147,7 +137,7 @@ def apply(git_remote: str, experiment: str) -> None:
     never pushed leaves the workspace as it was (``RemoteError``, one line)."""
     if error := _dvc("exp", "pull", git_remote, experiment):
         raise RemoteError(f"experiment {experiment!r} not pulled from '{git_remote}': {error}")
-    ref = _git("for-each-ref", "--format=%(objectname)", f"refs/exps/*/*/{experiment}").split()
+    ref = git.run("for-each-ref", "--format=%(objectname)", f"refs/exps/*/*/{experiment}").split()
     if not ref:
         raise RemoteError(f"git remote '{git_remote}' has no experiment {experiment!r}")
     if missing := missing_outputs(ref[0]):
