@@ -2,12 +2,13 @@
 code that changes any bit of the weights, of the history, of ``predict`` or of ``loss`` fails.
 
 The digests were computed once, on the code as it was before the rewrite of ``backprop.fit``
-(issue 21), and pasted here. They hold on any x86-64 CPU with AVX2 running the kernels nnbp pins
-(OpenBLAS's Haswell kernels, NumPy's AVX2 loops) with this NumPy and its C library's ``exp``.
-nnbp pins them only when it is imported before NumPy, which a test process cannot promise (pytest
-imports test modules in its own order, most import NumPy first), so the digests are computed in
-a subprocess that imports nnbp first; elsewhere (no AVX2, kernels chosen by the environment) the
-test is skipped, not failed.
+(issue 21), and pasted here; the history then came from ``fit``'s own log points, now from
+``nnbp.training.log_points``, the callback the training stage gives ``fit``. They hold on any
+x86-64 CPU with AVX2 running the kernels nnbp pins (OpenBLAS's Haswell kernels, NumPy's AVX2
+loops) with this NumPy and its C library's ``exp``. nnbp pins them only when it is imported
+before NumPy, which a test process cannot promise (pytest imports test modules in its own order,
+most import NumPy first), so the digests are computed in a subprocess that imports nnbp first;
+elsewhere (no AVX2, kernels chosen by the environment) the test is skipped, not failed.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ def digests() -> dict:
 
     from nnbp.backprop import fit, init_weights, loss, one_hot, predict, zscore
     from nnbp.parallel import Pool
+    from nnbp.training import log_points
 
     rng = np.random.default_rng(2025)
     X = zscore(rng.normal(size=(SIZES[0], N)))
@@ -89,6 +91,17 @@ def digests() -> dict:
                 points = []
                 with Pool(threads) as pool:
                     kw = {"blocks": BLOCKS, "map_blocks": pool.map}
+                    callback = log_points(
+                        points.append,
+                        X,
+                        Y,
+                        X_test,
+                        y_test,
+                        lamb=LAMB,
+                        iters=ITERS,
+                        log_every=LOG_EVERY,
+                        **kw,
+                    )
                     W = fit(
                         X,
                         Y,
@@ -98,10 +111,7 @@ def digests() -> dict:
                         iters=ITERS,
                         gradient=gradient,
                         dtype=dtype,
-                        log_every=LOG_EVERY,
-                        X_test=X_test,
-                        y_test=y_test,
-                        callback=points.append,
+                        callback=callback,
                         **kw,
                     )
                     predicted = [predict(W, X, **kw), predict(W, X_test, **kw)]

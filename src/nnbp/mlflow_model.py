@@ -29,7 +29,7 @@ from mlflow.pyfunc import PythonModel
 WEIGHTS = "weights"  # the artifact's key
 PACKAGE = "nnbp_model"  # the copy of nnbp's modules logged with the model
 # What TrainedModel.load and backprop.predict need; each imports only these (relatively).
-MODULES = ("__init__", "errors", "archive", "files", "backprop", "artifacts")
+MODULES = ("__init__", "errors", "archive", "files", "parallel", "backprop", "artifacts")
 
 
 def to_digits(indices: np.ndarray, classes: int) -> np.ndarray:

@@ -1,5 +1,8 @@
-"""A pool of worker threads that run the blocks of one phase of a computation, each block on one
-BLAS thread, so that what a block computes never depends on how many threads there are.
+"""Blocks of examples and the threads that run them: the ``n`` examples of a computation are split
+into contiguous column blocks (``block_bounds``), each holding its own state, and each phase of
+the computation runs once per block (``Blocks.run``), through a ``map_blocks``: ``in_order`` in
+the caller's thread, or ``Pool(threads).map`` on several threads, each block on one BLAS thread,
+so that what a block computes never depends on how many threads there are.
 
 ``Pool(threads).map(fn, count)`` calls ``fn(0) .. fn(count - 1)``, the calling thread taking
 blocks too, and returns once all are done. Blocks are handed out one at a time as workers come
@@ -13,10 +16,56 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import TracebackType
+from typing import Generic, TypeVar
 
-from .backprop import in_order
+import numpy as np
+
+T = TypeVar("T")
+MapBlocks = Callable[[Callable[[int], object], int], None]  # calls fn(0), ..., fn(count - 1)
+
+
+def in_order(fn: Callable[[int], object], count: int) -> None:
+    """The blocks one after the other, in the caller's thread."""
+    for i in range(count):
+        fn(i)
+
+
+def block_bounds(n: int, blocks: int) -> list[tuple[int, int]]:
+    """The ``(start, stop)`` columns of ``blocks`` contiguous blocks of ``n`` examples, sizes
+    differing by one at most (larger first); fewer blocks when ``n < blocks``."""
+    count = max(1, min(blocks, n))
+    q, r = divmod(n, count)
+    stops = np.cumsum([q + 1] * r + [q] * (count - r))
+    return [(int(a), int(b)) for a, b in zip([0, *stops[:-1]], stops, strict=True)]
+
+
+class Blocks(Generic[T]):
+    """The states of a computation's blocks, in block order, and the ``map_blocks`` that runs
+    each of its phases on all of them."""
+
+    def __init__(self, parts: list[T], map_blocks: MapBlocks = in_order) -> None:
+        self.parts = parts
+        self.map_blocks = map_blocks
+
+    @classmethod
+    def split(
+        cls, n: int, blocks: int, make: Callable[[int, int], T], map_blocks: MapBlocks = in_order
+    ) -> Blocks[T]:
+        """``make(start, stop)`` for each of the ``block_bounds(n, blocks)``."""
+        return cls([make(a, b) for a, b in block_bounds(n, blocks)], map_blocks)
+
+    def run(self, phase: Callable[[T], object]) -> None:
+        """``phase(part)`` for every block, returning once all are done."""
+        parts = self.parts
+        self.map_blocks(lambda i: phase(parts[i]), len(parts))
+
+    def __iter__(self) -> Iterator[T]:
+        return iter(self.parts)
+
+    def __len__(self) -> int:
+        return len(self.parts)
 
 
 def available_cores() -> int:
@@ -36,7 +85,9 @@ def thread_count(threads: int | str, blocks: int) -> int:
 
 class Pool:
     """``threads`` threads (the caller and ``threads - 1`` workers) running blocks; a context
-    manager, whose exit stops the workers. BLAS runs on one thread meanwhile."""
+    manager, whose exit stops the workers. BLAS runs on one thread meanwhile. The workers run with
+    NumPy's overflow and invalid warnings off: a block's non-finite values are its caller's to
+    detect (``nnbp.backprop`` silences the same warnings in the caller's thread)."""
 
     def __init__(self, threads: int) -> None:
         self.threads = max(int(threads), 1)
@@ -96,6 +147,10 @@ class Pool:
             self._cond.acquire()
 
     def _work(self) -> None:
+        # Blocks overflow on the way to a divergence, which their caller detects and reports: the
+        # workers silence NumPy's overflow and invalid warnings once, as the caller's thread does
+        # around the phases it runs (a block's own context would cost every block a context).
+        np.seterr(over="ignore", invalid="ignore")
         seen = 0
         with self._cond:
             while True:
