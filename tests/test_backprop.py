@@ -493,6 +493,17 @@ def test_an_error_in_a_block_reaches_the_caller_and_the_pool_goes_on():
     assert sorted(ran) == list(range(6))
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_back_to_back_maps_run_every_block_once_in_its_own_map(threads):
+    """Workers that wake late must find the current map whole, never half of the next one."""
+    with Pool(threads) as pool:
+        for k in range(3000):
+            count = 1 + k % 6
+            ran: list[tuple[int, int]] = []
+            pool.map(lambda i, k=k, ran=ran: ran.append((k, i)), count)
+            assert sorted(ran) == [(k, i) for i in range(count)]
+
+
 def test_auto_threads_are_the_cores_this_process_may_use_at_most_the_blocks():
     cores = len(os.sched_getaffinity(0))
     assert thread_count("auto", 64) == min(cores, 64)
