@@ -26,8 +26,8 @@ import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
 
 from nnbp.backprop import fit, init_weights, sigmoid
-from nnbp.labdata import one_hot, zscore
 from nnbp.lab import lab_train
+from nnbp.labdata import one_hot, zscore
 
 SIZES = [400, 100, 10]
 TARGETS = (  # (label, numerator, denominator, comparison, threshold)
@@ -54,6 +54,7 @@ def matmul_only(X: np.ndarray, Y: np.ndarray, weights, iters: int) -> None:
     A2[0] = 1.0
     Y_L = np.empty((W2.shape[0], n))
     G1, G2 = np.empty_like(W1), np.empty_like(W2)
+    delta2 = np.empty((W1.shape[0], n))
     np.matmul(W1, A1, out=A2[1:])
     sigmoid(A2[1:], out=A2[1:])
     delta3 = sigmoid(W2 @ A2) - Y
@@ -61,7 +62,7 @@ def matmul_only(X: np.ndarray, Y: np.ndarray, weights, iters: int) -> None:
         np.matmul(W1, A1, out=A2[1:])
         np.matmul(W2, A2, out=Y_L)
         np.matmul(delta3, A2.T, out=G2)
-        delta2 = W2[:, 1:].T @ delta3  # fit allocates this one
+        np.matmul(W2[:, 1:].T, delta3, out=delta2)
         np.matmul(delta2, A1.T, out=G1)
 
 

@@ -23,7 +23,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-IMPORTS = "import numpy, click, matplotlib.pyplot, mlflow, threadpoolctl, tqdm, nnbp.tooling.tracking.run"
+IMPORTS = (
+    "import numpy, click, matplotlib.pyplot, mlflow, threadpoolctl, tqdm, nnbp.tooling.tracking.run"
+)
 
 
 def _env(**extra: str) -> dict[str, str]:

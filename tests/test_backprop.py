@@ -1,6 +1,7 @@
 """Tests for nnbp.backprop: gradients, the lab-order rule, fit's contract and the helpers."""
 
 import os
+import signal
 import warnings
 from itertools import pairwise
 
@@ -8,23 +9,22 @@ import numpy as np
 import pytest
 from scipy.special import expit
 
+from nnbp.artifacts import LogPoint
 from nnbp.backprop import (
     DivergenceError,
-    LogPoint,
     accuracy,
-    block_bounds,
     fit,
     forward,
     gradients,
     init_weights,
     loss,
-    one_hot,
     predict,
     sigmoid,
-    zscore,
 )
 from nnbp.lab import lab_train
-from nnbp.parallel import Pool, thread_count
+from nnbp.labdata import one_hot, zscore
+from nnbp.parallel import Pool, block_bounds, thread_count
+from nnbp.training import log_points
 
 
 def _problem(sizes, n, seed=0, dtype="float64"):
@@ -163,31 +163,97 @@ def test_float32_init_weights_are_float32():
     assert all(w.dtype == np.float32 for w in W)
 
 
-# --- callback / LogPoint ---------------------------------------------------------------------
+# --- the callback and the log points --------------------------------------------------------
+
+
+@pytest.mark.parametrize("gradient", ["lab", "exact"])
+def test_callback_gets_every_iteration_with_the_weights_after_t_updates(gradient):
+    X, Y, _, W = _problem([20, 8, 4], n=40, seed=7)
+    kw = dict(tau=0.2, lamb=0.01, gradient=gradient)
+    seen: list[tuple[int, list[np.ndarray]]] = []
+    final = fit(
+        X, Y, W, iters=6, callback=lambda t, Wt: seen.append((t, [w.copy() for w in Wt])), **kw
+    )
+    assert [t for t, _ in seen] == list(range(7))
+    for t, Wt in seen:  # bit for bit the weights of a fit stopped after t updates
+        assert all(
+            np.array_equal(a, b) for a, b in zip(Wt, fit(X, Y, W, iters=t, **kw), strict=True)
+        )
+    assert all(np.array_equal(a, b) for a, b in zip(seen[0][1], W, strict=True))
+    assert all(np.array_equal(a, b) for a, b in zip(seen[-1][1], final, strict=True))
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_a_callback_stops_the_training_at_the_iteration_after_a_signal():
+    """The interruption a run uses: the handler sets a flag, the callback raises on seeing it."""
+    X, Y, _, W = _problem([20, 8, 4], n=40, seed=7)
+    stop, seen = [], []
+
+    def callback(t: int, weights: list[np.ndarray]) -> None:
+        if stop:
+            raise Interrupted(t)
+        seen.append(t)
+        if t == 3:
+            signal.raise_signal(signal.SIGUSR1)  # a signal that arrives while training
+
+    previous = signal.signal(signal.SIGUSR1, lambda *_: stop.append(True))
+    try:
+        with pytest.raises(Interrupted) as info:
+            fit(X, Y, W, tau=0.2, iters=50, callback=callback)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert info.value.args == (4,)
+    assert seen == [0, 1, 2, 3]
 
 
 @pytest.mark.parametrize(("iters", "expected"), [(10, [0, 3, 6, 9, 10]), (9, [0, 3, 6, 9])])
-def test_callback_called_every_log_every_and_at_the_end(iters, expected):
+def test_log_points_every_log_every_and_at_the_end_score_those_weights(iters, expected):
     X, Y, _, W = _problem([20, 8, 4], n=40, seed=7)
     X_test, _, y_test, _ = _problem([20, 8, 4], n=15, seed=8)
     points: list[LogPoint] = []
-    kw = dict(tau=0.2, lamb=0.01, log_every=3)
-    fit(X, Y, W, iters=iters, X_test=X_test, y_test=y_test, callback=points.append, **kw)
+    kw = dict(tau=0.2, lamb=0.01)
+    callback = log_points(points.append, X, Y, X_test, y_test, lamb=0.01, iters=iters, log_every=3)
+    fit(X, Y, W, iters=iters, callback=callback, **kw)
     assert [p.iteration for p in points] == expected
     for p in points:
         Wt = fit(X, Y, W, iters=p.iteration, **kw)
-        assert p.loss == pytest.approx(loss(Wt, X, Y, 0.01), rel=1e-12)
-        assert p.train_acc == accuracy(np.argmax(forward(Wt, X)[-1], axis=0), np.argmax(Y, 0))
-        assert p.test_acc == accuracy(np.argmax(forward(Wt, X_test)[-1], axis=0), y_test)
-        assert 0 <= p.train_acc <= 100
+        assert p.scores.loss == loss(Wt, X, Y, 0.01)
+        y = np.argmax(Y, 0)
+        assert p.scores.train_acc == accuracy(np.argmax(forward(Wt, X)[-1], axis=0), y)
+        assert p.scores.test_acc == accuracy(np.argmax(forward(Wt, X_test)[-1], axis=0), y_test)
+        assert 0 <= p.scores.train_acc <= 100
 
 
-def test_callback_test_acc_is_none_without_test_set():
+def test_log_points_test_acc_is_none_without_test_set():
     X, Y, _, W = _problem([20, 8, 4], n=40, seed=7)
     points: list[LogPoint] = []
-    fit(X, Y, W, tau=0.2, iters=4, log_every=2, callback=points.append)
+    fit(
+        X,
+        Y,
+        W,
+        tau=0.2,
+        iters=4,
+        callback=log_points(points.append, X, Y, lamb=0.0, iters=4, log_every=2),
+    )
     assert [p.iteration for p in points] == [0, 2, 4]
-    assert all(p.test_acc is None for p in points)
+    assert all(p.scores.test_acc is None for p in points)
+
+
+def test_log_points_raise_divergence_on_a_non_finite_cost():
+    X, Y, _, W = _problem([20, 8, 4], n=40, seed=7)
+    huge = [w.copy() for w in W]
+    huge[0][0, 0] = 1e200  # finite outputs (one saturated unit), an infinite lamb term
+    points: list[LogPoint] = []
+    callback = log_points(points.append, X, Y, lamb=0.01, iters=10, log_every=5)
+    with np.errstate(over="ignore"), pytest.raises(DivergenceError) as info:
+        callback(5, huge)
+    assert info.value.iteration == 5 and points == []
+    callback(4, huge)  # not a log point: nothing scored
+    callback(5, W)
+    assert [p.iteration for p in points] == [5]
 
 
 # --- divergence ------------------------------------------------------------------------------
@@ -199,10 +265,12 @@ def test_divergence_error_carries_iteration_and_input_weights_untouched():
     X, Y, _, W = _problem([20, 8, 4], n=30, seed=9)
     before = [w.copy() for w in W]
     kw = dict(tau=0.2, lamb=100.0)
+    seen: list[int] = []
     with pytest.raises(DivergenceError) as info:
-        fit(X, Y, W, iters=10_000, **kw)
+        fit(X, Y, W, iters=10_000, callback=lambda t, _: seen.append(t), **kw)
     t = info.value.iteration
     assert 0 < t < 10_000
+    assert seen == list(range(t))  # the callback never sees weights with non-finite outputs
     assert all(np.array_equal(a, b) for a, b in zip(W, before, strict=True))
     # the iteration is the first one whose outputs are non-finite
     last_ok = fit(X, Y, W, iters=t - 1, **kw)
@@ -371,6 +439,10 @@ def _fit_with(threads, gradient, dtype, blocks=4):
     X_test, _, y_test, _ = _problem([30, 12, 5], n=41, seed=12)
     points: list[LogPoint] = []
     with Pool(thread_count(threads, blocks)) as pool:
+        kw = {"blocks": blocks, "map_blocks": pool.map}
+        callback = log_points(
+            points.append, X, Y, X_test, y_test, lamb=0.01, iters=60, log_every=20, **kw
+        )
         weights = fit(
             X,
             Y,
@@ -380,12 +452,8 @@ def _fit_with(threads, gradient, dtype, blocks=4):
             iters=60,
             gradient=gradient,
             dtype=dtype,
-            log_every=20,
-            X_test=X_test,
-            y_test=y_test,
-            callback=points.append,
-            blocks=blocks,
-            map_blocks=pool.map,
+            callback=callback,
+            **kw,
         )
     return [w.tobytes() for w in weights], points, W
 
@@ -424,6 +492,17 @@ def test_an_error_in_a_block_reaches_the_caller_and_the_pool_goes_on():
         ran.clear()
         pool.map(ran.append, 6)  # the next job runs whole
     assert sorted(ran) == list(range(6))
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_back_to_back_maps_run_every_block_once_in_its_own_map(threads):
+    """Workers that wake late must find the current map whole, never half of the next one."""
+    with Pool(threads) as pool:
+        for k in range(3000):
+            count = 1 + k % 6
+            ran: list[tuple[int, int]] = []
+            pool.map(lambda i, k=k, ran=ran: ran.append((k, i)), count)
+            assert sorted(ran) == [(k, i) for i in range(count)]
 
 
 def test_auto_threads_are_the_cores_this_process_may_use_at_most_the_blocks():

@@ -9,8 +9,8 @@ import pytest
 
 from nnbp.artifacts import Prepared, TrainedModel
 from nnbp.backprop import init_weights
-from nnbp.labdata import one_hot
 from nnbp.lab import PUBLISHED, published_for
+from nnbp.labdata import one_hot
 from nnbp.reports import comparison_table
 from tests.errors_helpers import project_files, run_stage
 

@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 
 from nnbp import config
-from nnbp.dvcfiles import declared, read_yaml
 from nnbp.artifacts import TrainedModel
 from nnbp.backprop import DTYPES, GRADIENT_RULES
+from nnbp.dvcfiles import declared, read_yaml
 from tests.conftest import BIN, GIT_ID, ROOT, clean_env, copy_repo
 from tests.errors_helpers import (
     assert_one_line_error,

@@ -202,9 +202,7 @@ class History:
             raise DataError(
                 f"{path}: not a history (expected a list of rows with {', '.join(keys)})"
             )
-        return cls(
-            tuple(LogPoint(r["step"], Scores(**{m: r[m] for m in METRICS})) for r in rows)
-        )
+        return cls(tuple(LogPoint(r["step"], Scores(**{m: r[m] for m in METRICS})) for r in rows))
 
 
 def save_trained(

@@ -4,41 +4,36 @@ Conventions are the lab's:
 
 * ``X`` is features x examples, shape ``(d, n)``; a one-hot target ``Y`` is ``(K, n)``.
 * Layer sizes are ``sizes = [n_1, ..., n_L]`` with ``n_1 = d`` and ``n_L = K``.
-* ``W^l`` (``weights[l - 1]``) has shape ``(n_{l+1}, n_l + 1)``; column 0 is the bias,
+* ``W^l`` (``W[l - 1]``) has shape ``(n_{l+1}, n_l + 1)``; column 0 is the bias,
   so ``y^{l+1} = sigma(W^l [1; y^l])``.
+* ``delta^l``, shape ``(n_l, n)``, is the cost's derivative with respect to layer l's input
+  (summed over the examples of a block), and nabla_{W^l} = delta^{l+1} [1; y^l]^T / n + 2 lamb W^l.
 * Class indices are ``0..K-1`` here (files store ``1..K``).
 
-Everything here is pure: no I/O, no logging, no global state.
+Everything here is math: no I/O, no logging, no global state.
 
-Training and evaluation run block by block: the ``n`` examples are split into ``blocks``
-contiguous column blocks, each phase of an iteration (the forward pass, the output layer's
-gradient, each hidden layer's) runs once per block, possibly on several threads at once
-(``map_blocks``, see ``nnbp.parallel``), and the blocks' parts of a gradient, of the cost or of
-an accuracy are summed in block order. So the result depends on ``blocks`` and on nothing else:
-not on how many threads ran the blocks, nor in which order they finished.
+The examples run block by block (``nnbp.parallel``): the ``n`` examples are split into ``blocks``
+contiguous column blocks, each phase of an iteration runs once per block, possibly on several
+threads at once (``map_blocks``), and the blocks' parts of a gradient or of the cost are summed in
+block order. So the result depends on ``blocks`` and on nothing else: not on how many threads
+ran the blocks, nor in which order they finished.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from itertools import pairwise
-from typing import Any, Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 
+from .parallel import Blocks, MapBlocks, in_order
+
 EPS = 1e-10  # the lab's guard inside log()
-GRADIENT_RULES = ("lab", "exact")  # the lab's loop as written, and plain gradient descent
 DTYPES = ("float64", "float32")
 
 Weights = list[np.ndarray]
-MapBlocks = Callable[[Callable[[int], object], int], None]  # calls fn(0), ..., fn(count - 1)
-
-
-def in_order(fn: Callable[[int], object], count: int) -> None:
-    """The blocks one after the other, in the caller's thread."""
-    for i in range(count):
-        fn(i)
+Callback = Callable[[int, Weights], None]
 
 
 def sigmoid(z: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -50,10 +45,22 @@ def sigmoid(z: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     ``exp`` makes this 3x faster than ``expit`` on a (100, 1000) array.
     """
     with np.errstate(over="ignore"):
-        out = np.negative(z, out=out)
-        np.exp(out, out=out)
+        return _sigmoid(z, out)
+
+
+def _sigmoid(z: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    """``sigmoid`` under the caller's errstate (training silences overflow once, not per call)."""
+    out = np.negative(z, out=out)
+    np.exp(out, out=out)
     out += 1
-    return np.reciprocal(out, out=out)
+    # 1 / x is one correctly rounded division either way; NumPy's divide loop is SIMD, its
+    # reciprocal loop for floats is not (2x slower on a (100, 250) block, same bits).
+    return np.divide(1, out, out=out)
+
+
+def _quiet() -> np.errstate:
+    """Overflow and invalid values silenced: on the way to a divergence, which is reported."""
+    return np.errstate(over="ignore", invalid="ignore")
 
 
 class DivergenceError(ArithmeticError):
@@ -62,16 +69,6 @@ class DivergenceError(ArithmeticError):
     def __init__(self, iteration: int) -> None:
         super().__init__(f"non-finite loss after {iteration} iterations")
         self.iteration = iteration
-
-
-@dataclass(frozen=True)
-class LogPoint:
-    """Progress after ``iteration`` updates: the cost, and accuracies in percent."""
-
-    iteration: int
-    loss: float
-    train_acc: float
-    test_acc: float | None
 
 
 def init_weights(sizes: Sequence[int], rng: np.random.Generator, dtype: str = "float64") -> Weights:
@@ -85,158 +82,208 @@ def init_weights(sizes: Sequence[int], rng: np.random.Generator, dtype: str = "f
     return weights
 
 
-def _augmented(weights: Weights, X: np.ndarray) -> list[np.ndarray]:
-    """Buffers ``[1; y^l]`` of shape ``(n_l + 1, n)`` for every layer but the output one."""
-    A = [np.empty((W.shape[1], X.shape[1]), X.dtype) for W in weights]
-    for a in A:
-        a[0] = 1.0
-    A[0][1:] = X
-    return A
-
-
-def _forward_into(weights: Weights, A: list[np.ndarray], out: np.ndarray) -> np.ndarray:
-    """Fill ``A[1:]`` and ``out`` (the output layer, ``(K, n)``) from ``A[0]``, in place."""
-    for l, W in enumerate(weights):
-        z = A[l + 1][1:] if l + 1 < len(A) else out
-        np.matmul(W, A[l], out=z)
-        sigmoid(z, out=z)
-    return out
-
-
-def forward(weights: Weights, X: np.ndarray) -> list[np.ndarray]:
-    """Activations ``[y^1 = X, y^2, ..., y^L]``, each ``(n_l, n)`` (in one block)."""
-    X = np.asarray(X, dtype=weights[0].dtype)
-    A = _augmented(weights, X)
-    out = _forward_into(weights, A, np.empty((weights[-1].shape[0], X.shape[1]), X.dtype))
-    return [a[1:] for a in A] + [out]
-
-
 def accuracy(y_pred: np.ndarray, y_true: np.ndarray) -> float:
     """Percentage of equal entries of two ``(n,)`` label arrays."""
     y_pred, y_true = np.ravel(y_pred), np.ravel(y_true)
     return 100.0 * float(np.count_nonzero(y_pred == y_true)) / y_true.size
 
 
-def block_bounds(n: int, blocks: int) -> list[tuple[int, int]]:
-    """The ``(start, stop)`` columns of ``blocks`` contiguous blocks of ``n`` examples, sizes
-    differing by one at most (larger first); fewer blocks when ``n < blocks``."""
-    count = max(1, min(blocks, n))
-    q, r = divmod(n, count)
-    stops = np.cumsum([q + 1] * r + [q] * (count - r))
-    return [(int(a), int(b)) for a, b in zip([0, *stops[:-1]], stops, strict=True)]
+class Block:
+    """One block of ``m`` examples and its buffers, and views of them made once (every pass of
+    the loop writes into these, so an iteration allocates nothing).
 
+    ``A[l]`` is ``[1; y^{l+1}]``, ``(n_{l+1} + 1, m)``, for every layer but the output one (``A[0]``
+    holds the block's ``X``); ``out`` is ``y^L``, ``(K, m)``; ``Y`` its one-hot targets ``(K, m)``;
+    ``z[l]`` is where ``W[l]``'s product goes (``y^{l+2}``: ``A[l + 1][1:]``, or ``out``).
+    Given ``Y``, the buffers of its gradient too: ``delta[l]`` is delta^{l+1}, ``(n_{l+1}, m)``,
+    for l = 1..L-1 (``delta[0]`` is empty); ``G[l]`` this block's part of nabla_{W^{l+1}}, summed
+    over its examples, not yet scaled; ``s[l]`` a scratch like ``delta[l]`` for sigma'.
+    """
 
-class _Block:
-    """One block of examples and its buffers: ``A`` the layers' ``[1; y^l]``, ``out`` the
-    output layer, ``G`` its part of every nabla (summed over its examples, not yet scaled)."""
-
-    def __init__(
-        self, weights: Weights, X: np.ndarray, Y: np.ndarray | None, y: np.ndarray | None
-    ) -> None:
-        self.A = _augmented(weights, X)
-        self.out = np.empty((weights[-1].shape[0], X.shape[1]), X.dtype)
-        self.Y, self.y = Y, y
-        self.G = [np.empty_like(W) for W in weights]
-        self.delta: np.ndarray | None = None
+    def __init__(self, W: Weights, X: np.ndarray, Y: np.ndarray | None) -> None:
+        m, dtype = X.shape[1], X.dtype
+        self.A = [np.empty((W_l.shape[1], m), dtype) for W_l in W]
+        for a in self.A:
+            a[0] = 1.0
+        self.A[0][1:] = X
+        self.out = np.empty((W[-1].shape[0], m), dtype)
+        self.z = [a[1:] for a in self.A[1:]] + [self.out]
+        self.AT = [a.T for a in self.A]
+        self.Y = Y
         self.finite = True
-        self.cost: tuple[Any, Any] = (0.0, 0.0)
-        self.correct = 0
-
-    def forward(self, weights: Weights, scores: bool) -> None:
-        """The outputs; with ``scores``, this block's cross-entropy terms and correct answers."""
-        out = _forward_into(weights, self.A, self.out)
-        # The guarded cross-entropy is finite exactly when the outputs are, and an infinite
-        # weight turns the outputs into NaN one update later: this check is 30x cheaper than
-        # computing the cost at every iteration.
-        self.finite = bool(np.isfinite(out).all())
-        if scores and self.Y is not None:
-            Y = self.Y
-            self.cost = (np.sum(Y * np.log(out + EPS)), np.sum((1 - Y) * np.log(1 - out + EPS)))
-        if scores and self.y is not None:
-            self.correct = int(np.count_nonzero(np.argmax(out, axis=0) == self.y))
-
-    def output_gradient(self) -> None:
-        """delta^L = y^L - Y (sigmoid outputs, cross-entropy) and its part of nabla_{W^{L-1}}."""
-        assert self.Y is not None
-        self.delta = self.out - self.Y
-        np.matmul(self.delta, self.A[-1].T, out=self.G[-1])
-
-    def hidden_gradient(self, weights: Weights, l: int, lab: bool) -> None:
-        """delta^l = (W^l without its bias column)^T delta^{l+1} * s (1 - s) and its part of
-        nabla_{W^{l-1}}, where sigma'(z) = y (1 - y) takes s = y^l; the lab applies sigma' to
-        y^l itself, s = sigma(y^l)."""
-        y = self.A[l][1:]
-        s = sigmoid(y) if lab else y
-        delta = weights[l][:, 1:].T @ self.delta
-        delta *= s
-        delta *= 1 - s
-        self.delta = delta
-        np.matmul(delta, self.A[l - 1].T, out=self.G[l - 1])
+        if Y is None:  # outputs only: no gradient
+            return
+        sizes = [0] + [a.shape[0] - 1 for a in self.A[1:]] + [self.out.shape[0]]
+        self.delta = [np.empty((k, m), dtype) for k in sizes]
+        self.s = [np.empty((k, m), dtype) for k in sizes]
+        self.G = [np.empty_like(W_l) for W_l in W]
 
 
-def _split(
-    weights: Weights, X: np.ndarray, Y: np.ndarray | None, y: np.ndarray | None, blocks: int
-) -> list[_Block]:
-    return [
-        _Block(
-            weights,
-            X[:, a:b],
-            None if Y is None else np.ascontiguousarray(Y[:, a:b]),
-            None if y is None else y[a:b],
-        )
-        for a, b in block_bounds(X.shape[1], blocks)
-    ]
+def _blocks(
+    W: Weights, X: np.ndarray, Y: np.ndarray | None, blocks: int, map_blocks: MapBlocks
+) -> Blocks[Block]:
+    X = np.asarray(X, dtype=W[0].dtype)
+
+    def make(a: int, b: int) -> Block:
+        return Block(W, X[:, a:b], None if Y is None else np.ascontiguousarray(Y[:, a:b]))
+
+    return Blocks.split(X.shape[1], blocks, make, map_blocks)
 
 
-def _in_blocks(map_blocks: MapBlocks, parts: list[_Block], step: Callable[[_Block], None]) -> None:
-    """``step`` on every block, overflow silenced in whichever thread runs it (a divergence is
-    reported, not warned about)."""
-
-    def run(i: int) -> None:
-        with np.errstate(over="ignore", invalid="ignore"):
-            step(parts[i])
-
-    map_blocks(run, len(parts))
-
-
-def _cost(parts: list[_Block], n: int, weights: Weights, lamb: float) -> float:
-    """The lab's cost from the blocks' cross-entropy terms, summed in block order."""
-    ones, zeros = parts[0].cost
-    for p in parts[1:]:
-        ones, zeros = ones + p.cost[0], zeros + p.cost[1]
-    cross_entropy = -(ones + zeros) / n
-    return float(cross_entropy + lamb * sum(np.sum(W * W) for W in weights))
+def _forward(block: Block, W: Weights) -> None:
+    """y^2, ..., y^L of the block from its X, in place: y^{l+1} = sigma(W^l [1; y^l])."""
+    for W_l, a, z in zip(W, block.A, block.z, strict=True):
+        np.matmul(W_l, a, out=z)
+        _sigmoid(z, out=z)
+    # The guarded cross-entropy is finite exactly when the outputs are, and an infinite weight
+    # turns the outputs into NaN one update later: this check is 30x cheaper than the cost.
+    block.finite = bool(np.isfinite(block.out).all())
 
 
-def _gradient(parts: list[_Block], l: int, n: int, W: np.ndarray, lamb: float, grad: np.ndarray):
-    """nabla_{W^l} = (sum of the blocks' parts, in block order) / n + 2 lamb W^l, into ``grad``."""
-    np.copyto(grad, parts[0].G[l])
-    for p in parts[1:]:
-        grad += p.G[l]
-    grad *= 1 / n
-    if lamb:
-        grad += 2 * lamb * W
+def _output_delta(block: Block) -> None:
+    """delta^L = y^L - Y (sigmoid outputs, cross-entropy) and the block's nabla_{W^{L-1}}."""
+    assert block.Y is not None
+    delta = block.delta[-1]
+    np.subtract(block.out, block.Y, out=delta)
+    np.matmul(delta, block.AT[-1], out=block.G[-1])
 
 
-def _scored(
-    weights: Weights,
-    X: np.ndarray,
-    Y: np.ndarray | None,
-    y: np.ndarray | None,
-    blocks: int,
-    map_blocks: MapBlocks,
-) -> list[_Block]:
-    X = np.asarray(X, dtype=weights[0].dtype)
-    parts = _split(weights, X, Y, y, blocks)
-    _in_blocks(map_blocks, parts, lambda p: p.forward(weights, True))
+def _y(y: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """sigma'(z^l) = s (1 - s) with s = y^l = sigma(z^l): the true derivative takes y^l."""
+    return y
+
+
+def _sigmoid_of_y(y: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """The lab applies its sigma' to the activation y^l itself: s = sigma(y^l)."""
+    return _sigmoid(y, out)
+
+
+SigmaInput = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def _hidden_delta(block: Block, Wbar: Weights, l: int, s_of: SigmaInput) -> None:
+    """With k = l + 1 the lab's number of layer ``l`` (``Wbar[l]`` is W^k without its bias
+    column, transposed, ``(n_k, n_{k+1})``): delta^k = Wbar[l] delta^{k+1} * s (1 - s),
+    ``(n_k, m)``, and the block's part of nabla_{W^{k-1}} = delta^k [1; y^{k-1}]^T, where
+    ``s = s_of(y^k)`` (``_y`` or the lab's)."""
+    delta, scratch = block.delta[l], block.s[l]
+    np.matmul(Wbar[l], block.delta[l + 1], out=delta)
+    s = s_of(block.z[l - 1], scratch)
+    delta *= s
+    np.subtract(1, s, out=scratch)
+    delta *= scratch
+    np.matmul(delta, block.AT[l - 1], out=block.G[l - 1])
+
+
+def _backward(block: Block, Wbar: Weights) -> None:
+    """Every delta and every nabla part of the block from the weights as they are."""
+    _output_delta(block)
+    for l in reversed(range(1, len(Wbar))):
+        _hidden_delta(block, Wbar, l, _y)
+
+
+class Net:
+    """The weights ``W`` being trained on ``n`` examples, views of them made once (``Wbar[l]``,
+    ``W[l]`` without its bias column, transposed: the updates are in place, so the views stay
+    true), and the summed nablas ``G`` (with a scratch each), so that a step allocates nothing."""
+
+    def __init__(self, W: Weights, n: int) -> None:
+        self.W, self.n = W, n
+        self.Wbar = [W_l[:, 1:].T for W_l in W]
+        self.G = [np.empty_like(W_l) for W_l in W]
+        self.scratch = [np.empty_like(W_l) for W_l in W]
+
+    def gradient(self, blocks: Blocks[Block], l: int, lamb: float) -> np.ndarray:
+        """nabla_{W^{l+1}} = (the blocks' parts, summed in block order) / n + 2 lamb W^{l+1}."""
+        G = self.G[l]
+        parts = blocks.parts
+        np.copyto(G, parts[0].G[l])
+        for p in parts[1:]:
+            G += p.G[l]
+        G *= 1 / self.n
+        if lamb:
+            G += np.multiply(self.W[l], 2 * lamb, out=self.scratch[l])
+        return G
+
+    def step(self, blocks: Blocks[Block], l: int, tau: float, lamb: float) -> None:
+        """W^{l+1} -= tau nabla_{W^{l+1}}, in place."""
+        G = self.gradient(blocks, l, lamb)
+        G *= tau
+        self.W[l] -= G
+
+
+# --- the two update rules ----------------------------------------------------------------------
+
+
+def lab_first_phase(block: Block, net: Net) -> None:
+    """A block's forward pass and delta^L: the rest waits for W^{L-1}'s update."""
+    _forward(block, net.W)
+    _output_delta(block)
+
+
+def lab_update(net: Net, blocks: Blocks[Block], tau: float, lamb: float) -> None:
+    """The lab's loop as written: W^{L-1} is updated first, and delta^{L-1} is computed from the
+    updated W^{L-1}, and so on down to W^1; sigma' is applied to the activation y^l itself."""
+    L = len(net.W)
+    for l in reversed(range(L)):
+        if l < L - 1:  # W[l] is W^{l+1}: delta^{l+2} from W^{l+2}, updated a moment ago
+            blocks.run(lambda p, l=l: _hidden_delta(p, net.Wbar, l + 1, _sigmoid_of_y))
+        net.step(blocks, l, tau, lamb)
+
+
+def exact_first_phase(block: Block, net: Net) -> None:
+    """A block's forward pass and every gradient part, all from the weights as they are."""
+    _forward(block, net.W)
+    _backward(block, net.Wbar)
+
+
+def exact_update(net: Net, blocks: Blocks[Block], tau: float, lamb: float) -> None:
+    """Plain gradient descent on ``loss``: every nabla_{W^l} from the weights before the step
+    (the blocks' parts were all computed in the first phase; the lamb term of W^l is taken
+    before W^l's own step)."""
+    for l in range(len(net.W)):
+        net.step(blocks, l, tau, lamb)
+
+
+class Rule(NamedTuple):
+    """An update rule: what each block computes in the forward pass (``first_phase``), then the
+    update of the weights from it (``update``, which may run more phases)."""
+
+    first_phase: Callable[[Block, Net], None]
+    update: Callable[[Net, Blocks[Block], float, float], None]
+
+
+RULES = {"lab": Rule(lab_first_phase, lab_update), "exact": Rule(exact_first_phase, exact_update)}
+GRADIENT_RULES = tuple(RULES)  # the lab's loop as written, and plain gradient descent
+
+
+# --- the public functions ----------------------------------------------------------------------
+
+
+def forward(weights: Weights, X: np.ndarray) -> list[np.ndarray]:
+    """Activations ``[y^1 = X, y^2, ..., y^L]``, each ``(n_l, n)`` (in one block)."""
+    W = list(weights)
+    (block,) = _blocks(W, X, None, 1, in_order)
+    with _quiet():
+        _forward(block, W)
+    return [a[1:] for a in block.A] + [block.out]
+
+
+def _outputs(
+    weights: Weights, X: np.ndarray, Y: np.ndarray | None, blocks: int, map_blocks: MapBlocks
+) -> Blocks[Block]:
+    W = list(weights)
+    parts = _blocks(W, X, Y, blocks, map_blocks)
+    with _quiet():
+        parts.run(lambda p: _forward(p, W))
     return parts
 
 
 def predict(
     weights: Weights, X: np.ndarray, *, blocks: int = 1, map_blocks: MapBlocks = in_order
 ) -> np.ndarray:
-    """Predicted class indices ``0..K-1``, shape ``(n,)``."""
-    parts = _scored(weights, X, None, None, blocks, map_blocks)
+    """Predicted class indices ``0..K-1`` of ``X`` ``(d, n)``, shape ``(n,)``."""
+    parts = _outputs(weights, X, None, blocks, map_blocks)
     return np.concatenate([np.argmax(p.out, axis=0) for p in parts])
 
 
@@ -251,15 +298,18 @@ def loss(
 ) -> float:
     """The lab's cost: mean over examples of the binary cross-entropy summed over the K outputs
     (with its ``1e-10`` guard) plus ``lamb`` times the sum of all squared weights, biases included.
-    ``X`` is ``(d, n)``, ``Y`` one-hot ``(K, n)``."""
+    ``X`` is ``(d, n)``, ``Y`` one-hot ``(K, n)``; the blocks' terms are summed in block order."""
     Y = np.asarray(Y, dtype=weights[0].dtype)
-    return _cost(_scored(weights, X, Y, None, blocks, map_blocks), Y.shape[1], weights, lamb)
-
-
-def _backward(weights: Weights, part: _Block, lab: bool) -> None:
-    part.output_gradient()
-    for l in reversed(range(1, len(weights))):
-        part.hidden_gradient(weights, l, lab)
+    parts = _outputs(weights, X, Y, blocks, map_blocks)
+    terms = [
+        (np.sum(p.Y * np.log(p.out + EPS)), np.sum((1 - p.Y) * np.log(1 - p.out + EPS)))
+        for p in parts
+    ]
+    ones, zeros = terms[0]
+    for a, b in terms[1:]:
+        ones, zeros = ones + a, zeros + b
+    cross_entropy = -(ones + zeros) / Y.shape[1]
+    return float(cross_entropy + lamb * sum(np.sum(W * W) for W in weights))
 
 
 def gradients(
@@ -276,15 +326,11 @@ def gradients(
     Exact for the cross-entropy; the ``1e-10`` guard inside ``loss`` moves the true derivative by
     a relative ``1e-10 / min(y, 1 - y)`` at most, far below what a finite difference resolves.
     """
-    X = np.asarray(X, dtype=weights[0].dtype)
-    parts = _split(weights, X, np.asarray(Y, dtype=X.dtype), None, blocks)
-    _in_blocks(
-        map_blocks, parts, lambda p: (p.forward(weights, False), _backward(weights, p, False))
-    )
-    G = [np.empty_like(W) for W in weights]
-    for l, W in enumerate(weights):
-        _gradient(parts, l, X.shape[1], W, lamb, G[l])
-    return G
+    net = Net(list(weights), np.shape(X)[1])
+    parts = _blocks(net.W, X, np.asarray(Y, dtype=net.W[0].dtype), blocks, map_blocks)
+    with _quiet():
+        parts.run(lambda p: exact_first_phase(p, net))
+    return [net.gradient(parts, l, lamb).copy() for l in range(len(net.W))]
 
 
 def fit(
@@ -297,12 +343,9 @@ def fit(
     iters: int,
     gradient: Literal["lab", "exact"] = "lab",
     dtype: str = "float64",
-    log_every: int = 0,
-    X_test: np.ndarray | None = None,
-    y_test: np.ndarray | None = None,
-    callback: Callable[[LogPoint], None] | None = None,
     blocks: int = 1,
     map_blocks: MapBlocks = in_order,
+    callback: Callback | None = None,
 ) -> Weights:
     """Train by full-batch gradient descent; returns new weights (``dtype``), same layout.
 
@@ -310,64 +353,43 @@ def fit(
     ``gradient="exact"`` is plain gradient descent on ``loss``: every nabla_{W^l} is taken from the
     weights before any of them changes. ``gradient="lab"`` is the lab's loop as written: W^l is
     updated before delta^l is computed from it, and sigma' is applied to the activation y^l itself.
-    At iteration 0, every ``log_every`` updates and after the last, ``callback`` gets a
-    ``LogPoint`` with the loss, training accuracy and, given ``X_test`` ``(d, m)`` and ``y_test``
-    ``(m,)``, test accuracy. A non-finite output or loss raises ``DivergenceError`` as soon as it
-    is seen. The examples (and the test examples) run in ``blocks`` blocks, through
-    ``map_blocks``: the result depends on ``blocks``, not on how the blocks are run.
+
+    ``callback(t, W)`` is called for t = 0, 1, ..., ``iters`` with the weights after t updates
+    (before update t + 1): the live arrays, to read (copy them to keep them), never to modify.
+    It may raise to stop the training; the exception reaches the caller. A non-finite output
+    raises ``DivergenceError(t)`` before ``callback(t, ...)`` is called.
+
+    The examples run in ``blocks`` blocks, through ``map_blocks`` (``nnbp.parallel``): the result
+    depends on ``blocks``, not on how the blocks are run. The defaults run one block in the
+    caller's thread, where only the matrix products use several cores (OpenBLAS's own threads);
+    the training stage's speed, its blocks on every core, is two lines away (the bits of 4 blocks,
+    whatever the number of threads)::
+
+        with Pool(thread_count("auto", 4)) as pool:  # from nnbp.parallel
+            W = fit(X, Y, W0, tau=0.2, iters=5000, blocks=4, map_blocks=pool.map)
     """
-    if gradient not in GRADIENT_RULES:
+    if gradient not in RULES:
         raise ValueError(f"gradient must be one of {GRADIENT_RULES}, got {gradient!r}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    weights = [np.array(W, dtype=dtype) for W in weights]
-    X = np.asarray(X, dtype=dtype)
-    Y = np.asarray(Y, dtype=dtype)
-    n, L, lab = X.shape[1], len(weights), gradient == "lab"
-    train = _split(weights, X, Y, np.argmax(Y, axis=0), blocks)
-    test = None
-    if X_test is not None and y_test is not None:
-        test = _split(weights, np.asarray(X_test, dtype=dtype), None, np.ravel(y_test), blocks)
-    G = [np.empty_like(W) for W in weights]
+    rule = RULES[gradient]
+    net = Net([np.array(W_l, dtype=dtype) for W_l in weights], np.shape(X)[1])
+    parts = _blocks(net.W, X, np.asarray(Y, dtype=dtype), blocks, map_blocks)
 
-    def first_phase(part: _Block, scores: bool) -> None:
-        part.forward(weights, scores)
-        if lab:
-            part.output_gradient()  # the rest waits for W^{L-1}'s update
-        else:
-            _backward(weights, part, lab=False)  # every gradient from the weights as they are
+    def first_phase(p: Block) -> None:
+        rule.first_phase(p, net)
 
-    with np.errstate(over="ignore", invalid="ignore"):
-        for t in range(iters + 1):
-            logging = callback is not None and log_every and (t % log_every == 0 or t == iters)
-            _in_blocks(map_blocks, train, lambda p, scores=bool(logging): first_phase(p, scores))
-            if not all(p.finite for p in train):
-                raise DivergenceError(t)
-            if logging:
-                cost = _cost(train, n, weights, lamb)
-                if not np.isfinite(cost):
-                    raise DivergenceError(t)
-                test_acc = None
-                if test is not None:
-                    _in_blocks(map_blocks, test, lambda p: p.forward(weights, True))
-                    test_acc = 100.0 * float(sum(p.correct for p in test)) / X_test.shape[1]
-                train_acc = 100.0 * float(sum(p.correct for p in train)) / n
-                callback(LogPoint(t, cost, train_acc, test_acc))
-            if t == iters:
-                break
-            if lab:
-                for l in reversed(range(L)):
-                    if l < L - 1:  # delta^{l+1} from W^{l+1}, updated a moment ago
-                        _in_blocks(
-                            map_blocks,
-                            train,
-                            lambda p, l=l: p.hidden_gradient(weights, l + 1, True),
-                        )
-                    _gradient(train, l, n, weights[l], lamb, G[l])
-                    weights[l] -= tau * G[l]  # the lab updates W^l before delta^l is computed
-            else:
-                for l in range(L):
-                    _gradient(train, l, n, weights[l], lamb, G[l])
-                for W, grad in zip(weights, G, strict=True):
-                    W -= tau * grad
-    return weights
+    def last_phase(p: Block) -> None:  # after the last update: the outputs, for the check
+        _forward(p, net.W)
+
+    for t in range(iters + 1):
+        with _quiet():
+            parts.run(first_phase if t < iters else last_phase)
+        if not all(p.finite for p in parts):
+            raise DivergenceError(t)
+        if callback is not None:
+            callback(t, net.W)  # outside _quiet: the caller's own warnings are the caller's
+        if t < iters:
+            with _quiet():
+                rule.update(net, parts, tau, lamb)
+    return net.W

@@ -14,20 +14,26 @@ from .parallel import MapBlocks, in_order
 
 def score(
     weights: Weights,
-    data: Prepared,
+    X: np.ndarray,
+    Y: np.ndarray,
     lamb: float,
-    blocks: int,
-    map_blocks: MapBlocks = in_order,
+    X_test: np.ndarray | None = None,
+    y_test: np.ndarray | None = None,
     *,
-    test: bool = True,
+    blocks: int = 1,
+    map_blocks: MapBlocks = in_order,
 ) -> Scores:
-    """``weights`` on ``data`` in ``blocks`` blocks (the sums training makes): the cost on the
-    training set with ``lamb``, the training accuracy and, unless ``test`` is False, the test
-    accuracy."""
+    """``weights`` on the training set ``X`` ``(d, n)``, ``Y`` one-hot ``(K, n)``: the lab's cost
+    with ``lamb`` and the accuracy; and the accuracy on the test set ``X_test`` ``(d, m)``,
+    ``y_test`` ``(m,)`` class indices, if given. In ``blocks`` blocks, so that the cost has the
+    bits of the sums training makes."""
     run = {"blocks": blocks, "map_blocks": map_blocks}
-    train_acc = accuracy(predict(weights, data.X_train, **run), data.y_train)
-    test_acc = accuracy(predict(weights, data.X_test, **run), data.y_test) if test else None
-    return Scores(loss(weights, data.X_train, data.Y_train, lamb, **run), train_acc, test_acc)
+    cost = loss(weights, X, Y, lamb, **run)
+    train_acc = accuracy(predict(weights, X, **run), np.argmax(Y, axis=0))
+    test_acc = None
+    if X_test is not None and y_test is not None:
+        test_acc = accuracy(predict(weights, X_test, **run), y_test)
+    return Scores(cost, train_acc, test_acc)
 
 
 @dataclass(frozen=True)
@@ -41,9 +47,12 @@ class Evaluation:
 
 def evaluate(model: TrainedModel, data: Prepared, map_blocks: MapBlocks = in_order) -> Evaluation:
     """``model`` on ``data``, in the blocks it was trained in, run through ``map_blocks``."""
-    weights, blocks = list(model.weights), model.hyper["blocks"]
-    y_pred = predict(weights, data.X_test, blocks=blocks, map_blocks=map_blocks)
+    weights, run = list(model.weights), {"blocks": model.hyper["blocks"], "map_blocks": map_blocks}
+    scores = score(
+        weights, data.X_train, data.Y_train, model.hyper["lamb"], data.X_test, data.y_test, **run
+    )
+    y_pred = predict(weights, data.X_test, **run)
     K = data.classes
     confusion = np.zeros((K, K), dtype=np.int64)
     np.add.at(confusion, (data.y_test, y_pred), 1)
-    return Evaluation(score(weights, data, model.hyper["lamb"], blocks, map_blocks), confusion)
+    return Evaluation(scores, confusion)

@@ -7,15 +7,45 @@ from collections.abc import Callable
 import numpy as np
 
 from .artifacts import LogPoint, Prepared, TrainedModel
-from .backprop import DivergenceError, Weights, fit, init_weights
+from .backprop import Callback, DivergenceError, Weights, fit, init_weights
 from .config import FIT, RECORDED, Training
 from .errors import UserError
 from .evaluation import score
-from .parallel import Pool, thread_count
+from .parallel import MapBlocks, Pool, in_order, thread_count
 
 
 class Diverged(UserError):
     """Training produced a non-finite loss: nothing is written."""
+
+
+def log_points(
+    on_point: Callable[[LogPoint], None],
+    X: np.ndarray,
+    Y: np.ndarray,
+    X_test: np.ndarray | None = None,
+    y_test: np.ndarray | None = None,
+    *,
+    lamb: float,
+    iters: int,
+    log_every: int,
+    blocks: int = 1,
+    map_blocks: MapBlocks = in_order,
+) -> Callback:
+    """The ``fit`` callback that hands ``on_point`` a ``LogPoint`` at iteration 0, every
+    ``log_every`` and the last: the network scored (``evaluation.score``) on the training set
+    ``X`` ``(d, n)``, ``Y`` one-hot ``(K, n)`` and, if given, the test set ``X_test`` ``(d, m)``,
+    ``y_test`` ``(m,)``, in the training's ``blocks``. A non-finite cost raises
+    ``DivergenceError`` at that iteration."""
+
+    def callback(t: int, W: Weights) -> None:
+        if t % log_every and t != iters:
+            return
+        scores = score(W, X, Y, lamb, X_test, y_test, blocks=blocks, map_blocks=map_blocks)
+        if not np.isfinite(scores.loss):
+            raise DivergenceError(t)
+        on_point(LogPoint(t, scores))
+
+    return callback
 
 
 def train(
@@ -26,28 +56,34 @@ def train(
 ) -> TrainedModel:
     """Train ``config`` on ``data`` by full-batch backprop from the lab's initial weights (seeded
     by ``config.seed``), its ``config.blocks`` blocks run by ``threads`` threads (which change no
-    bit); ``on_point`` gets every log point (iteration 0, every ``log_every`` and the last),
-    scored in the same blocks. ``Diverged`` (one line) if the loss stops being finite; an
-    exception raised by ``on_point`` stops training there."""
+    bit); ``on_point`` gets every log point (iteration 0, every ``log_every`` and the last).
+    ``Diverged`` (one line) if the loss stops being finite; an exception raised by ``on_point``
+    stops the training there."""
     sizes = [data.features, *config.hidden, data.classes]
     weights = init_weights(sizes, np.random.default_rng(config.seed))
     try:
         with Pool(thread_count(threads, config.blocks)) as pool:
-
-            def log(t: int, W: Weights) -> None:
-                if on_point is not None and (t % config.log_every == 0 or t == config.iters):
-                    scores = score(W, data, config.lamb, config.blocks, pool.map)
-                    if not np.isfinite(scores.loss):
-                        raise DivergenceError(t)
-                    on_point(LogPoint(t, scores))
-
+            callback = None
+            if on_point is not None:
+                callback = log_points(
+                    on_point,
+                    data.X_train,
+                    data.Y_train,
+                    data.X_test,
+                    data.y_test,
+                    lamb=config.lamb,
+                    iters=config.iters,
+                    log_every=config.log_every,
+                    blocks=config.blocks,
+                    map_blocks=pool.map,
+                )
             weights = fit(
                 data.X_train,
                 data.Y_train,
                 weights,
                 **config.values(FIT),
                 map_blocks=pool.map,
-                callback=log,
+                callback=callback,
             )
     except DivergenceError as e:
         raise Diverged(

@@ -34,7 +34,17 @@ WEIGHTS = "weights"  # the artifact's key
 PACKAGE = "nnbp_model"  # the copy of nnbp's modules logged with the model
 # What TrainedModel.load and backprop.predict need, of the package's numerics (two folders up);
 # each imports only these (relatively).
-MODULES = ("__init__", "errors", "files", "archive", "dvcfiles", "config", "backprop", "artifacts")
+MODULES = (
+    "__init__",
+    "errors",
+    "files",
+    "archive",
+    "dvcfiles",
+    "config",
+    "parallel",
+    "backprop",
+    "artifacts",
+)
 NUMERICS = Path(__file__).resolve().parents[2]
 
 
