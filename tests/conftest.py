@@ -160,3 +160,54 @@ def team_tracking(tmp_path_factory: pytest.TempPathFactory):
         yield server, env
     finally:
         stop_server(proc)
+
+
+# --- the shared pipeline run --------------------------------------------------------------------
+
+HOOKS = ROOT / "tests" / "hooks"  # sitecustomize.py: the nnbp modules each stage loaded
+
+
+class Pipeline:
+    """A copy of the repository after one `dvc repro` (``root``), tracked to its own SQLite
+    store, with ``env`` the environment it ran in; ``modules[stage]``: the files of the nnbp
+    modules the stage loaded (relative to ``root``, e.g. ``src/nnbp/backprop.py``)."""
+
+    ITERS, LOG_EVERY = 40, 20
+    CONFIGS = ("h25", "h100", "h100_l2")
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.records = root.parent / f"{root.name}-modules"
+        self.records.mkdir()
+        # As on a user's machine: nnbp imported from this copy's src, Python writing bytecode
+        # beside it; tracking on (its default store, mlflow.db in the copy).
+        self.env = clean_env(
+            NNBP_TRACKING="on",
+            PYTHONPATH=f"{HOOKS}{os.pathsep}{root / 'src'}",
+            NNBP_TEST_MODULES=str(self.records),
+        )
+        self.env.pop("PYTHONDONTWRITEBYTECODE", None)
+        self.modules: dict[str, set[str]] = {}
+
+    def repro(self) -> None:
+        dvc(self.root, "repro", env=self.env)
+        for record in self.records.glob("*.json"):
+            entry = json.loads(record.read_text())
+            files = {str(Path(f).resolve().relative_to(self.root)) for f in entry["files"]}
+            self.modules.setdefault(entry["stage"], set()).update(files)
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
+    """One `dvc repro` of the whole pipeline (the digits, ``Pipeline.ITERS`` iterations),
+    shared by every test that only reads its results: such a test must leave ``root`` as it
+    found it."""
+    run = Pipeline(
+        copy_repo(
+            tmp_path_factory.mktemp("pipeline") / "repo",
+            iters=Pipeline.ITERS,
+            log_every=Pipeline.LOG_EVERY,
+        )
+    )
+    run.repro()
+    return run

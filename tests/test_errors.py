@@ -156,7 +156,8 @@ def test_malformed_model_file_is_one_line(unchanged: Path, tmp_path: Path, case,
 def test_model_left_from_other_data_is_refused_by_name(unchanged: Path, tmp_path: Path):
     shutil.copy(unchanged / "models/h25.npz", tmp_path / "h25.npz")
     weights = init_weights([400, 25, 10], np.random.default_rng(0))
-    TrainedModel(tuple(weights), 0.0, 0.2, 5000, "lab", 4).save(tmp_path / "old.npz")
+    hyper = {"lamb": 0.0, "tau": 0.2, "iters": 5000, "gradient": "lab", "blocks": 4}
+    TrainedModel(tuple(weights), hyper).save(tmp_path / "old.npz")
     proc = _evaluate_with(unchanged, tmp_path)
     assert_one_line_error(
         proc,

@@ -61,7 +61,8 @@ def _model(path: Path, hidden: int, lamb: float, gradient: str) -> None:
     """A model of the lab's problem (its hyperparameters), untrained: the table is about what a
     model records, the metrics are whatever they are."""
     weights = init_weights([400, hidden, 10], np.random.default_rng(hidden))
-    TrainedModel(tuple(weights), lamb, 0.2, 5000, gradient, 4).save(path)
+    hyper = {"lamb": lamb, "tau": 0.2, "iters": 5000, "gradient": gradient, "blocks": 4}
+    TrainedModel(tuple(weights), hyper).save(path)
 
 
 def test_evaluate_writes_the_lab_table_beside_the_results(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -18,7 +19,9 @@ from matplotlib.figure import Figure
 
 from .artifacts import METRICS, History, TrainedModel
 from .files import atomic_path
-from .labdata import Dataset
+
+if TYPE_CHECKING:  # the run's own figures (the train stage's) need no data file
+    from .labdata import Dataset
 
 SHOWN = 100  # images per grid of section 2
 
