@@ -378,9 +378,8 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0))
     print(f"{cores} cores; {args.repeats} repeats x {args.iters} iterations per contender, paired")
     for condition in ("quiet",) if args.quiet_only else ("quiet", "sibling"):
-        load = os.getloadavg()
-        quiet = "quiet" if load[0] < 0.3 else "NOT quiet"
-        print(f"load average {load[0]:.2f} {load[1]:.2f} before {condition}: {quiet}")
+        load = os.getloadavg()  # it lags: the previous condition's own work is in it
+        print(f"load average {load[0]:.2f} {load[1]:.2f} before {condition}")
         busy, own, start = _busy_seconds(), _own_seconds(), time.perf_counter()
         proc = None
         if condition == "sibling":
@@ -395,7 +394,8 @@ def main() -> None:
         if busy is not None:  # what the load average cannot tell: others' work meanwhile
             others = (_busy_seconds() - busy) - (_own_seconds() - own)  # type: ignore[operator]
             cores = max(others, 0.0) / (time.perf_counter() - start)
-            print(f"other processes' CPU while measuring: {cores:.2f} cores on average")
+            quiet = "quiet" if cores < 0.1 else "NOT quiet: the ratios are doubtful"
+            print(f"other processes' CPU while measuring: {cores:.2f} cores on average ({quiet})")
         _report(condition, res, args.iters)
 
 
