@@ -340,12 +340,28 @@ def _outputs(
     return parts
 
 
+def _predictions(parts: Blocks[Block]) -> np.ndarray:
+    return np.concatenate([np.argmax(p.out, axis=0) for p in parts])
+
+
+def _cost(parts: Blocks[Block], weights: Weights, lamb: float) -> float:
+    """The lab's cost from the blocks' outputs and targets, their terms summed in block order."""
+    terms = [
+        (np.sum(p.Y * np.log(p.out + EPS)), np.sum((1 - p.Y) * np.log(1 - p.out + EPS)))
+        for p in parts
+    ]
+    ones, zeros = terms[0]
+    for a, b in terms[1:]:
+        ones, zeros = ones + a, zeros + b
+    cross_entropy = -(ones + zeros) / sum(p.out.shape[1] for p in parts)
+    return float(cross_entropy + lamb * sum(np.sum(W * W) for W in weights))
+
+
 def predict(
     weights: Weights, X: np.ndarray, *, blocks: int = 1, map_blocks: MapBlocks = in_order
 ) -> np.ndarray:
     """Predicted class indices ``0..K-1`` of ``X`` ``(d, n)``, shape ``(n,)``."""
-    parts = _outputs(weights, X, None, blocks, map_blocks)
-    return np.concatenate([np.argmax(p.out, axis=0) for p in parts])
+    return _predictions(_outputs(weights, X, None, blocks, map_blocks))
 
 
 def loss(
@@ -361,16 +377,22 @@ def loss(
     (with its ``1e-10`` guard) plus ``lamb`` times the sum of all squared weights, biases included.
     ``X`` is ``(d, n)``, ``Y`` one-hot ``(K, n)``; the blocks' terms are summed in block order."""
     Y = np.asarray(Y, dtype=weights[0].dtype)
+    return _cost(_outputs(weights, X, Y, blocks, map_blocks), weights, lamb)
+
+
+def scores(
+    weights: Weights,
+    X: np.ndarray,
+    Y: np.ndarray,
+    lamb: float = 0.0,
+    *,
+    blocks: int = 1,
+    map_blocks: MapBlocks = in_order,
+) -> tuple[float, np.ndarray]:
+    """``loss(...)`` and ``predict(weights, X, ...)`` (same bits) from one forward pass."""
+    Y = np.asarray(Y, dtype=weights[0].dtype)
     parts = _outputs(weights, X, Y, blocks, map_blocks)
-    terms = [
-        (np.sum(p.Y * np.log(p.out + EPS)), np.sum((1 - p.Y) * np.log(1 - p.out + EPS)))
-        for p in parts
-    ]
-    ones, zeros = terms[0]
-    for a, b in terms[1:]:
-        ones, zeros = ones + a, zeros + b
-    cross_entropy = -(ones + zeros) / Y.shape[1]
-    return float(cross_entropy + lamb * sum(np.sum(W * W) for W in weights))
+    return _cost(parts, weights, lamb), _predictions(parts)
 
 
 def gradients(

@@ -15,8 +15,8 @@ from .backprop import (
     accuracy,
     fit,
     init_weights,
-    loss,
     predict,
+    scores,
 )
 from .config import Training
 from .errors import UserError
@@ -46,18 +46,19 @@ def log_points(
     ``log_every`` and the last (none if ``log_every`` is 0): the lab's cost and the accuracy on
     the training set ``X`` ``(d, n)``, ``Y`` one-hot ``(K, n)``, and the accuracy on the test set
     ``X_test`` ``(d, m)``, ``y_test`` ``(m,)`` class indices, if given. Scored in the training's
-    ``blocks``, so that the cost has the bits of the sums the training makes. A non-finite cost
-    raises ``DivergenceError`` at that iteration."""
+    ``blocks``, so that the cost has the bits of the sums the training makes (``backprop.loss``'s
+    and ``predict``'s, from one forward pass: ``backprop.scores``). A non-finite cost raises
+    ``DivergenceError`` at that iteration."""
     y = np.argmax(Y, axis=0)
     kw = {"blocks": blocks, "map_blocks": map_blocks}
 
     def callback(t: int, weights: Weights) -> None:
         if not (log_every > 0 and (t % log_every == 0 or t == iters)):
             return
-        cost = loss(weights, X, Y, lamb, **kw)
+        cost, predicted = scores(weights, X, Y, lamb, **kw)  # one forward pass for both
         if not np.isfinite(cost):
             raise DivergenceError(t)
-        train_acc = accuracy(predict(weights, X, **kw), y)
+        train_acc = accuracy(predicted, y)
         test_acc = None
         if X_test is not None and y_test is not None:
             test_acc = accuracy(predict(weights, X_test, **kw), y_test)
