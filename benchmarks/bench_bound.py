@@ -26,7 +26,9 @@ measurement, as a second queue worker or a CI neighbour does. Medians and paired
 printed with the issue's targets, then (quiet) where the time beyond the products goes: each
 kind of work of an iteration timed alone on the same buffers, on one thread, and the rest
 (Python, the pool's wake-ups and waits, an uneven share of blocks) by difference. The load
-average is printed before each condition. The exit status is always 0.
+average is printed before each condition, and after it the CPU that other processes took while
+it was measured (``/proc/stat`` less this benchmark's own processes): on a shared machine, a
+ratio measured beside someone else's work says little. The exit status is always 0.
 """
 
 from __future__ import annotations
@@ -179,11 +181,12 @@ def _xla(X, Y, W, iters: int) -> tuple[dict[str, Callable[[], None]], float] | N
     return runs, diff
 
 
-def _breakdown(X, Y, W, iters: int) -> dict[str, float]:
-    """ms per iteration of each kind of work of the lab's iteration, alone, on one thread."""
+def _breakdown(X, Y, W, iters: int, repeats: int) -> dict[str, float]:
+    """ms per iteration of each kind of work of the lab's iteration alone, on one thread, and of
+    the whole iteration (fit, threads 1), interleaved; medians."""
     import numpy as np
 
-    from nnbp.backprop import sigmoid
+    from nnbp.backprop import fit, sigmoid
     from nnbp.parallel import Pool
 
     with Pool(1) as pool:
@@ -220,15 +223,18 @@ def _breakdown(X, Y, W, iters: int) -> dict[str, float]:
 
         kinds = {"products": products, "exp": exps, "sigmoids": sigmoids}
         kinds |= {"delta passes": deltas, "sums and updates": updates}
-        times: dict[str, list[float]] = {k: [] for k in kinds}
+        times: dict[str, list[float]] = {k: [] for k in [*kinds, "iteration"]}
         with np.errstate(over="ignore", invalid="ignore"):
-            for _ in range(5):
+            for _ in range(repeats):
                 for name, fn in kinds.items():
                     start = time.perf_counter()
                     for _ in range(iters):
                         fn()
-                    times[name].append((time.perf_counter() - start) / iters)
-    return {k: 1e3 * min(v) for k, v in times.items()}
+                    times[name].append(time.perf_counter() - start)
+                start = time.perf_counter()
+                fit(X, Y, W, tau=TAU, iters=iters, blocks=BLOCKS, map_blocks=pool.map)
+                times["iteration"].append(time.perf_counter() - start)
+    return {k: _ms(v, iters) for k, v in times.items()}
 
 
 def worker(names: list[str], iters: int, repeats: int, breakdown: bool) -> None:
@@ -256,7 +262,8 @@ def worker(names: list[str], iters: int, repeats: int, breakdown: bool) -> None:
                 times[name].append(time.perf_counter() - start)
     blas = next((i for i in threadpool_info() if i["user_api"] == "blas"), {})
     result = {"kernels": blas.get("architecture", "?"), "threads": threads, "times": times}
-    result |= {"xla_diff": xla_diff, "breakdown": _breakdown(X, Y, W, iters) if breakdown else None}
+    parts = _breakdown(X, Y, W, iters, repeats) if breakdown else None
+    result |= {"xla_diff": xla_diff, "breakdown": parts}
     print(json.dumps(result))
 
 
@@ -277,6 +284,28 @@ def _run_worker(iters: int, repeats: int, breakdown: bool) -> dict:
     env = {**os.environ, "XLA_FLAGS": XLA_FLAGS, "JAX_PLATFORMS": "cpu"}
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(out.stdout.splitlines()[-1])
+
+
+def _busy_seconds() -> float | None:
+    """CPU seconds all processes of the machine have used since boot (``/proc/stat``)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + fields[4]  # idle and iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_seconds() -> float:
+    """CPU seconds used by this process and its finished children (the workers, the sibling)."""
+    import resource
+
+    me, children = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
 
 
 def _ms(ts: list[float], iters: int) -> float:
@@ -313,20 +342,21 @@ def _report(condition: str, res: dict, iters: int) -> None:
             print(f"  {label:<44}{ratio:6.2f}")
     parts = res["breakdown"]
     if parts is not None:
-        total = _ms(times["threads 1"], iters)
-        work = parts["products"] + parts["sigmoids"] + parts["delta passes"]
-        work += parts["sums and updates"]
-        print("  where threads 1's iteration goes (each kind alone, one thread, ms/iteration):")
-        for name in ("products", "sigmoids", "delta passes", "sums and updates"):
+        total = parts["iteration"]
+        kinds = ("products", "sigmoids", "delta passes", "sums and updates")
+        work = sum(parts[k] for k in kinds)
+        print("  where threads 1's iteration goes (each kind alone, one thread, medians):")
+        print(f"    {'iteration':<20}{total:6.2f}  (fit, threads 1, timed beside these)")
+        for name in kinds:
             print(f"    {name:<20}{parts[name]:6.2f}")
             if name == "sigmoids":
                 print(f"      of which exp    {parts['exp']:6.2f}")
         print(f"    {'the rest':<20}{total - work:6.2f}  (Python calls, by difference)")
-        half = (work - parts["sums and updates"]) / res["threads"] + parts["sums and updates"]
+        share = (work - parts["sums and updates"]) / res["threads"] + parts["sums and updates"]
         auto = _ms(times["threads auto"], iters)
         print(
-            f"  threads auto beyond its share of that work ({half:.2f}): {auto - half:.2f}"
-            " (Python calls, wake-ups and waits, an uneven share of blocks)"
+            f"  threads auto beyond its threads' share of that work ({share:.2f}):"
+            f" {auto - share:.2f} (Python calls, wake-ups and waits, an uneven share of blocks)"
         )
     print()
 
@@ -348,9 +378,9 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0))
     print(f"{cores} cores; {args.repeats} repeats x {args.iters} iterations per contender, paired")
     for condition in ("quiet",) if args.quiet_only else ("quiet", "sibling"):
-        load = os.getloadavg()
-        quiet = "quiet" if load[0] < 0.3 else "NOT quiet"
-        print(f"load average {load[0]:.2f} {load[1]:.2f} before {condition}: {quiet}")
+        load = os.getloadavg()  # it lags: the previous condition's own work is in it
+        print(f"load average {load[0]:.2f} {load[1]:.2f} before {condition}")
+        busy, own, start = _busy_seconds(), _own_seconds(), time.perf_counter()
         proc = None
         if condition == "sibling":
             proc = subprocess.Popen([sys.executable, __file__, "--sibling"], cwd=ROOT)
@@ -361,6 +391,11 @@ def main() -> None:
             if proc is not None:
                 proc.kill()
                 proc.wait()
+        if busy is not None:  # what the load average cannot tell: others' work meanwhile
+            others = (_busy_seconds() - busy) - (_own_seconds() - own)  # type: ignore[operator]
+            cores = max(others, 0.0) / (time.perf_counter() - start)
+            quiet = "quiet" if cores < 0.1 else "NOT quiet: the ratios are doubtful"
+            print(f"other processes' CPU while measuring: {cores:.2f} cores on average ({quiet})")
         _report(condition, res, args.iters)
 
 

@@ -8,9 +8,10 @@ Run from the repository root (it works in a temporary folder; the workspace is n
     python benchmarks/bench_logging.py --configs h25 --every 500 10
 
 Training is ``nnbp.training.train`` with a callback that keeps the points (what the stage does
-besides MLflow); logging replays those points through ``nnbp.tooling.tracking.run.Run.log_point``, one
-call per point as the stage makes them live, into a fresh run. Wall seconds of one run each;
-the load average is printed first (say whether the machine was quiet).
+besides MLflow); logging replays those points through
+``nnbp.tooling.tracking.run.Run.log_point``, one call per point as the stage makes them live,
+into a fresh run. Wall seconds of one run each; the load average is printed first (say whether
+the machine was quiet).
 """
 
 from __future__ import annotations

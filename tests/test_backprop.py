@@ -18,6 +18,7 @@ from nnbp.backprop import (
     gradients,
     init_weights,
     loss,
+    loss_and_predictions,
     predict,
     sigmoid,
 )
@@ -476,6 +477,14 @@ def test_blocked_results_agree_with_one_block_to_rounding():
         np.testing.assert_array_equal(predict(W, X, **kw), predict(W, X))
         for g4, g1 in zip(gradients(W, X, Y, 0.01, **kw), gradients(W, X, Y, 0.01), strict=True):
             np.testing.assert_allclose(g4, g1, rtol=0, atol=1e-14)
+
+
+def test_scores_are_loss_and_predict_from_one_pass():
+    X, Y, _, W = _problem([30, 12, 5], n=103, seed=13)
+    for kw in ({}, {"blocks": 4}):
+        cost, predicted = loss_and_predictions(W, X, Y, 0.01, **kw)
+        assert cost == loss(W, X, Y, 0.01, **kw)
+        np.testing.assert_array_equal(predicted, predict(W, X, **kw))
 
 
 def test_an_error_in_a_block_reaches_the_caller_and_the_pool_goes_on():

@@ -6,8 +6,9 @@ Conventions are the lab's:
 * Layer sizes are ``sizes = [n_1, ..., n_L]`` with ``n_1 = d`` and ``n_L = K``.
 * ``W^l`` (``W[l - 1]``) has shape ``(n_{l+1}, n_l + 1)``; column 0 is the bias,
   so ``y^{l+1} = sigma(W^l [1; y^l])``.
-* ``delta^l``, shape ``(n_l, n)``, is the cost's derivative with respect to layer l's input
-  (summed over the examples of a block), and nabla_{W^l} = delta^{l+1} [1; y^l]^T / n + 2 lamb W^l.
+* ``delta^l``, shape ``(n_l, n)``, holds the derivative of each example's cross-entropy with
+  respect to ``z^l`` (layer l's input to sigma), a column per example, and
+  nabla_{W^l} = delta^{l+1} [1; y^l]^T / n + 2 lamb W^l.
 * Class indices are ``0..K-1`` here (files store ``1..K``).
 
 Everything here is math: no I/O, no logging, no global state.
@@ -41,8 +42,10 @@ def sigmoid(z: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
 
     Within about 2 ulp of the true value over the normal range, like ``scipy.special.expit``.
     Where ``exp(-z)`` overflows (z < -709 in float64) the result is 0 (the true value is below
-    1e-308), so that overflow is expected and silenced here, not globally. NumPy's vectorised
-    ``exp`` makes this 3x faster than ``expit`` on a (100, 1000) array.
+    1e-308), so that overflow is expected and silenced here, not globally. The ``exp`` is NumPy's,
+    whose bits the golden digests pin (another library's rounds differently); in float64 under
+    the pinned AVX2 loops it is not vectorised (about 4 ns an element, most of a sigmoid's time,
+    and as fast as ``scipy.special.expit`` on a (100, 1000) array).
     """
     with np.errstate(over="ignore"):
         return _sigmoid(z, out)
@@ -279,12 +282,28 @@ def _outputs(
     return parts
 
 
+def _predictions(parts: Blocks[Block]) -> np.ndarray:
+    return np.concatenate([np.argmax(p.out, axis=0) for p in parts])
+
+
+def _cost(parts: Blocks[Block], weights: Weights, lamb: float) -> float:
+    """The lab's cost from the blocks' outputs and targets, their terms summed in block order."""
+    terms = [
+        (np.sum(p.Y * np.log(p.out + EPS)), np.sum((1 - p.Y) * np.log(1 - p.out + EPS)))
+        for p in parts
+    ]
+    ones, zeros = terms[0]
+    for a, b in terms[1:]:
+        ones, zeros = ones + a, zeros + b
+    cross_entropy = -(ones + zeros) / sum(p.out.shape[1] for p in parts)
+    return float(cross_entropy + lamb * sum(np.sum(W * W) for W in weights))
+
+
 def predict(
     weights: Weights, X: np.ndarray, *, blocks: int = 1, map_blocks: MapBlocks = in_order
 ) -> np.ndarray:
     """Predicted class indices ``0..K-1`` of ``X`` ``(d, n)``, shape ``(n,)``."""
-    parts = _outputs(weights, X, None, blocks, map_blocks)
-    return np.concatenate([np.argmax(p.out, axis=0) for p in parts])
+    return _predictions(_outputs(weights, X, None, blocks, map_blocks))
 
 
 def loss(
@@ -300,16 +319,22 @@ def loss(
     (with its ``1e-10`` guard) plus ``lamb`` times the sum of all squared weights, biases included.
     ``X`` is ``(d, n)``, ``Y`` one-hot ``(K, n)``; the blocks' terms are summed in block order."""
     Y = np.asarray(Y, dtype=weights[0].dtype)
+    return _cost(_outputs(weights, X, Y, blocks, map_blocks), weights, lamb)
+
+
+def loss_and_predictions(
+    weights: Weights,
+    X: np.ndarray,
+    Y: np.ndarray,
+    lamb: float = 0.0,
+    *,
+    blocks: int = 1,
+    map_blocks: MapBlocks = in_order,
+) -> tuple[float, np.ndarray]:
+    """``loss(...)`` and ``predict(weights, X, ...)`` (same bits) from one forward pass."""
+    Y = np.asarray(Y, dtype=weights[0].dtype)
     parts = _outputs(weights, X, Y, blocks, map_blocks)
-    terms = [
-        (np.sum(p.Y * np.log(p.out + EPS)), np.sum((1 - p.Y) * np.log(1 - p.out + EPS)))
-        for p in parts
-    ]
-    ones, zeros = terms[0]
-    for a, b in terms[1:]:
-        ones, zeros = ones + a, zeros + b
-    cross_entropy = -(ones + zeros) / Y.shape[1]
-    return float(cross_entropy + lamb * sum(np.sum(W * W) for W in weights))
+    return _cost(parts, weights, lamb), _predictions(parts)
 
 
 def gradients(

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .artifacts import Prepared, Scores, TrainedModel
-from .backprop import Weights, accuracy, loss, predict
+from .backprop import Weights, accuracy, loss_and_predictions, predict
 from .parallel import MapBlocks, in_order
 
 
@@ -28,8 +28,8 @@ def score(
     ``y_test`` ``(m,)`` class indices, if given. In ``blocks`` blocks, so that the cost has the
     bits of the sums training makes."""
     run = {"blocks": blocks, "map_blocks": map_blocks}
-    cost = loss(weights, X, Y, lamb, **run)
-    train_acc = accuracy(predict(weights, X, **run), np.argmax(Y, axis=0))
+    cost, predicted = loss_and_predictions(weights, X, Y, lamb, **run)  # one forward pass
+    train_acc = accuracy(predicted, np.argmax(Y, axis=0))
     test_acc = None
     if X_test is not None and y_test is not None:
         test_acc = accuracy(predict(weights, X_test, **run), y_test)

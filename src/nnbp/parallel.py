@@ -104,7 +104,8 @@ class Pool:
     A phase costs each worker one wake-up, on a lock of its own, and the caller at most one wait,
     for the blocks still running when it runs out of blocks: whoever finishes the last block
     releases the caller. A worker that wakes late finds no block left and goes back to sleep; the
-    caller never waits for it."""
+    caller never waits for it. A ``map`` left by an exception raised in the caller's thread while
+    it waits (a KeyboardInterrupt) leaves the pool fit only to be closed."""
 
     def __init__(self, threads: int) -> None:
         self.threads = max(int(threads), 1)
