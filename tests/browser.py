@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import ROOT
+from tests.project import ROOT
 from tests.servers import missing
 
 CHROMIUM = Path(os.environ.get("NNBP_CHROMIUM", "/usr/bin/chromium"))  # Debian's package

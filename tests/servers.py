@@ -1,8 +1,8 @@
-"""Real servers for the tests, started as the README starts them, on 127.0.0.1 only: the team's
-MLflow tracking server (optionally behind MLflow's authentication app) and a client of its REST
-API; `mlflow ui` as the README's Tracking section runs it; the S3-compatible store a DVC remote
-points at (moto's server); and what a test needs that the machine may lack (``missing``: skip,
-or fail under CI).
+"""Servers and processes: real servers for the tests, started as the README starts them, on
+127.0.0.1 only: the team's MLflow tracking server (optionally behind MLflow's authentication app)
+and a client of its REST API; `mlflow ui` as the README runs it; the S3-compatible store a DVC
+remote points at (moto's server); a stage's processes and waiting for them to end; and what a
+test needs that the machine may lack (``missing``: skip, or fail under CI).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import BIN, ROOT, clean_env
+from tests.project import BIN, ROOT, clean_env
 
 HEALTH_TIMEOUT = 240  # seconds: the first start migrates the store (~30 s on PostgreSQL)
 
@@ -220,13 +220,6 @@ def add_member(server: Server, user: str) -> tuple[str, str]:
     return user, password
 
 
-def all_runs(api: Api) -> list[str]:
-    experiments = api.get("experiments/search", max_results=1000).get("experiments", [])
-    ids = [e["experiment_id"] for e in experiments]
-    found = api.post("runs/search", {"experiment_ids": ids, "max_results": 1000})
-    return sorted(r["info"]["run_id"] for r in found.get("runs", []))
-
-
 def member_env(user: str, password: str, url: str) -> dict[str, str]:
     """A member's environment for the pipeline (the README's client setup)."""
     return clean_env(
@@ -324,3 +317,56 @@ def start_s3_server(folder: Path, bucket: str = "tp5-dvc") -> tuple[subprocess.P
         stop_server(proc)
         raise
     return proc, S3(url, bucket, key["AccessKeyId"], key["SecretAccessKey"])
+
+
+# --- processes --------------------------------------------------------------------------------
+
+
+def stage_processes(root: Path, script: str = "stages/train.py") -> list[int]:
+    """Pids of the running ``python SCRIPT`` processes whose working folder is ``root``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            if script.encode() in argv[:3] and (proc / "cwd").resolve() == root.resolve():
+                found.append(int(proc.name))
+        except OSError:  # gone, or not ours to read
+            continue
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, ended but not yet reaped, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def wait_gone(pids: list[int], timeout: float) -> list[int]:
+    """The pids of ``pids`` still alive after up to ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    left = list(pids)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = [p for p in left if alive(p)]
+    return left
+
+
+def marked_processes(mark: str, value: str) -> list[int]:
+    """The live processes whose environment holds ``mark=value`` (``tests.project.clean_env``
+    gives every process a test starts its session's mark)."""
+    needle = f"{mark}={value}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if needle in (proc / "environ").read_bytes().split(b"\0") and alive(int(proc.name)):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found

@@ -19,8 +19,9 @@ import pytest
 
 from nnbp.tooling.tracking import retry
 from nnbp.tooling.tracking.run import Run
-from tests.conftest import clean_env
+from tests.project import tracked_env
 from tests.servers import free_port, start_server
+from tests.store import runs
 
 POINTS = 30
 WRITER = textwrap.dedent(
@@ -37,22 +38,12 @@ WRITER = textwrap.dedent(
 
 
 def _runs(db: Path) -> dict[str, tuple[str, dict[str, list[int]]]]:
-    """name -> (status, metric key -> sorted steps) of every run in the store."""
-    with sqlite3.connect(db) as con:
-        runs = con.execute("SELECT run_uuid, name, status FROM runs").fetchall()
-        out = {}
-        for run_id, name, status in runs:
-            rows = con.execute("SELECT key, step FROM metrics WHERE run_uuid = ?", (run_id,))
-            steps: dict[str, list[int]] = {}
-            for key, step in rows:
-                steps.setdefault(key, []).append(step)
-            # run_name() adds how the run was made ("w0 (repro abc1234)" in a git checkout)
-            out[name.split(" (")[0]] = (status, {k: sorted(v) for k, v in steps.items()})
-    return out
+    """configuration -> (status, metric key -> its steps) of every run in the store."""
+    return {run.config: (run.status, run.steps) for run in runs(db)}
 
 
 def _env(db: Path) -> dict[str, str]:
-    return clean_env(NNBP_TRACKING="on", MLFLOW_TRACKING_URI=f"sqlite:///{db}")
+    return tracked_env(f"sqlite:///{db}")
 
 
 @pytest.mark.slow

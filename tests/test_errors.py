@@ -27,54 +27,23 @@ import scipy.io
 
 from nnbp.artifacts import TrainedModel
 from nnbp.backprop import init_weights
-from tests.errors_helpers import (
-    BAD_INPUTS,
+from tests.badfiles import BAD_INPUTS, make_bad_input
+from tests.params import DELETE, changed_params, set_params
+from tests.project import (
     assert_one_line_error,
-    changed_params,
-    copy_project,
-    dvc,
+    clean_env,
+    copy_repo,
+    dvc_attempt,
     error_lines,
-    init_mlflow_store,
     invoke,
     leftover_temp_files,
-    make_bad_input,
-    mlflow_statuses,
     run_stage,
-    set_param,
     snapshot,
     stage_cmd,
-    stage_env,
-    stage_processes,
-    wait_for_training,
-    wait_gone,
+    tracked_env,
 )
-
-
-@pytest.fixture(scope="module")
-def mlflow_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    db = tmp_path_factory.mktemp("mlflow") / "template.db"
-    init_mlflow_store(db)
-    return db
-
-
-@pytest.fixture
-def mlflow_uri(mlflow_template: Path, tmp_path: Path) -> str:
-    """A fresh, initialised MLflow store of this test."""
-    db = tmp_path / "mlflow" / "mlflow.db"
-    db.parent.mkdir()
-    shutil.copy(mlflow_template, db)
-    return f"sqlite:///{db}"
-
-
-@pytest.fixture
-def unchanged(workspace: Path):
-    """The workspace; after the test, its outputs must be as they were, with no temp file."""
-    before = snapshot(workspace)
-    assert before, "the workspace has no outputs to compare with"
-    yield workspace
-    assert snapshot(workspace) == before
-    assert leftover_temp_files(workspace) == []
-
+from tests.servers import stage_processes, wait_gone
+from tests.store import statuses, wait_for_training
 
 # --- inputs (data.path), through the prepare stage --------------------------------------------
 
@@ -284,7 +253,7 @@ BAD_DATA_PARAMS = {
         "params.yaml: data.image_shape = 'eight': must be auto (square images) or HxW, e.g. 20x20",
     ),
     "n_train 0": ("data.n_train", 0, 2, "params.yaml: data.n_train = 0: must be >= 1"),
-    "no path": ("data.path", None, 2, "params.yaml: data.path is missing"),
+    "no path": ("data.path", DELETE, 2, "params.yaml: data.path is missing"),
 }
 
 
@@ -316,11 +285,11 @@ def test_divergence_fails_the_run_and_writes_nothing(unchanged: Path, mlflow_uri
     uri = mlflow_uri
     diverging = {"lamb": 1000, "tau": 1, "iters": 500, "log_every": 100}
     with changed_params(unchanged, diverging):
-        proc = run_stage("train", "h25", cwd=unchanged, tracking_uri=uri)
+        proc = run_stage("train", "h25", cwd=unchanged, env=tracked_env(uri))
     line = assert_one_line_error(proc, "Error: configuration h25 diverged", status=1)
     assert re.search(r"non-finite loss at iteration \d+ \(tau=1.0, lamb=1000.0\)", line), line
     assert "nothing was written" in line
-    assert mlflow_statuses(uri) == ["FAILED"]
+    assert statuses(uri) == ["FAILED"]
 
 
 @pytest.mark.parametrize(
@@ -341,7 +310,7 @@ def test_interruption_kills_the_run_and_writes_nothing(
         subprocess.Popen(
             stage_cmd("train", "h25"),
             cwd=unchanged,
-            env=stage_env(uri),
+            env=tracked_env(uri),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -355,7 +324,7 @@ def test_interruption_kills_the_run_and_writes_nothing(
             proc.kill()
     assert proc.returncode == status, stderr
     assert error_lines(stderr) == [f"{message}: stopped; no output is half-written"], stderr
-    assert mlflow_statuses(uri) == ["KILLED"]
+    assert statuses(uri) == ["KILLED"]
 
 
 @pytest.mark.parametrize(
@@ -413,7 +382,7 @@ def test_read_only_output_folder(unchanged: Path, tmp_path: Path):
     proc = subprocess.run(
         [*unshare, "sh", "-c", script, "sh", *stage_cmd("train", *args)],
         cwd=unchanged,
-        env=stage_env(),
+        env=clean_env(),
         capture_output=True,
         text=True,
         timeout=120,
@@ -474,7 +443,7 @@ def test_full_disk(unchanged: Path, tmp_path: Path):
     proc = subprocess.run(
         [*unshare, "sh", "-c", script, "sh", *stage_cmd("train", *args)],
         cwd=unchanged,
-        env=stage_env(),
+        env=clean_env(),
         capture_output=True,
         text=True,
         timeout=120,
@@ -496,8 +465,8 @@ def test_full_disk(unchanged: Path, tmp_path: Path):
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of the project after a successful `dvc repro` (20 iterations)."""
     root = tmp_path_factory.mktemp("project")
-    copy_project(root, iters=20, log_every=10)
-    proc = dvc(root, "repro")
+    copy_repo(root, iters=20, log_every=10)
+    proc = dvc_attempt(root, "repro")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return root
 
@@ -510,11 +479,11 @@ def repro_restores(project: Path):
     before = snapshot(project)
     yield project, before
     (project / "params.yaml").write_text(params)
-    proc = dvc(project, "repro")
+    proc = dvc_attempt(project, "repro")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert snapshot(project) == before
     assert leftover_temp_files(project) == []
-    status = dvc(project, "status")
+    status = dvc_attempt(project, "status")
     assert "up to date" in status.stdout, status.stdout
 
 
@@ -548,15 +517,15 @@ def _unchanged_but_stage_outs(before: dict, after: dict, stage_outs: tuple[str, 
 def test_dvc_bad_input(repro_restores, case: str):
     project, before = repro_restores
     path = make_bad_input(case, project / "data/digits.npz", project / "bad")
-    set_param(project, "path", str(path.relative_to(project)), indent="  ")
-    proc = dvc(project, "repro")
+    set_params(project, {"data.path": str(path.relative_to(project))})
+    proc = dvc_attempt(project, "repro")
     _assert_dvc_failed(proc, f"Error: bad/{path.name}: ", *BAD_INPUTS[case][2])
     _unchanged_but_stage_outs(before, snapshot(project), ("data/prepared",))
 
 
 @pytest.mark.slow
 def test_dvc_unknown_configuration(project: Path):
-    proc = dvc(project, "repro", "train@nosuch")
+    proc = dvc_attempt(project, "repro", "train@nosuch")
     _assert_dvc_failed(proc, "train@nosuch", "not found")
     assert len(error_lines(proc.stderr)) == 1, proc.stderr
 
@@ -564,8 +533,8 @@ def test_dvc_unknown_configuration(project: Path):
 @pytest.mark.slow
 def test_dvc_empty_hidden(repro_restores):
     project, before = repro_restores
-    set_param(project, "hidden", "[]", indent="    ")  # the first configuration, h25
-    proc = dvc(project, "repro", "train@h25")
+    set_params(project, {"configs.h25.hidden": []})
+    proc = dvc_attempt(project, "repro", "train@h25")
     _assert_dvc_failed(proc, "Error: params.yaml: configs.h25.hidden = []: must not be empty")
     outs = ("models/h25.npz", "reports/history/h25.json")
     _unchanged_but_stage_outs(before, snapshot(project), outs)
@@ -576,14 +545,13 @@ def test_dvc_interruption(repro_restores, mlflow_uri: str):
     """Ctrl-C in the terminal (SIGINT to DVC and the stage): the run is KILLED, nothing is
     half-written, and the next `dvc repro` (in the fixture) starts cleanly."""
     project, before = repro_restores
-    set_param(project, "iters", "1000000")
-    set_param(project, "log_every", "1000")
+    set_params(project, {"iters": 1000000, "log_every": 1000})
     uri = mlflow_uri
     db = Path(uri.removeprefix("sqlite:///"))
     with subprocess.Popen(
         [str(Path(stage_cmd("train")[0]).parent / "dvc"), "repro", "train@h25"],
         cwd=project,
-        env=stage_env(uri),
+        env=tracked_env(uri),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -599,7 +567,7 @@ def test_dvc_interruption(repro_restores, mlflow_uri: str):
     assert proc.returncode != 0, output
     assert "Traceback" not in output, output
     assert "interrupted (Ctrl-C): stopped; no output is half-written" in output, output
-    assert mlflow_statuses(uri) == ["KILLED"]
+    assert statuses(uri) == ["KILLED"]
     assert leftover_temp_files(project) == []
     outs = ("models/h25.npz", "reports/history/h25.json")
     _unchanged_but_stage_outs(before, snapshot(project), outs)
@@ -615,10 +583,9 @@ def test_sigterm_to_dvc_ends_the_stage_with_its_run_killed(repro_restores, mlflo
     nothing, closes its run as KILLED. bash runs the stage as DVC's child; dash (/bin/sh) keeps
     itself between them, so the stage must follow its grandparent there."""
     project, before = repro_restores
-    set_param(project, "iters", "1000000")
-    set_param(project, "log_every", "1000")
+    set_params(project, {"iters": 1000000, "log_every": 1000})
     db = Path(mlflow_uri.removeprefix("sqlite:///"))
-    env = stage_env(mlflow_uri, SHELL=shell)
+    env = tracked_env(mlflow_uri, SHELL=shell)
     stages: list[int] = []
     with subprocess.Popen(
         [str(Path(stage_cmd("train")[0]).parent / "dvc"), "repro", "train@h25"],
@@ -644,7 +611,7 @@ def test_sigterm_to_dvc_ends_the_stage_with_its_run_killed(repro_restores, mlflo
     assert alive == [], "the stage trained on after DVC was killed"
     assert "terminated (SIGTERM): stopped; no output is half-written" in output, output
     assert "Traceback" not in output, output
-    assert mlflow_statuses(mlflow_uri) == ["KILLED"]
+    assert statuses(mlflow_uri) == ["KILLED"]
     assert leftover_temp_files(project) == []
     outs = ("models/h25.npz", "reports/history/h25.json")
     _unchanged_but_stage_outs(before, snapshot(project), outs)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import signal
 import subprocess
 from pathlib import Path
 
@@ -14,8 +16,10 @@ from click.testing import CliRunner
 
 from nnbp.dvcfiles import read_yaml
 from nnbp.tooling.console import gate as gate_command
-from tests.conftest import BIN, ROOT, clean_env, dvc, git, set_params
-from tests.errors_helpers import stage_env, wait_for_training
+from tests.params import set_params
+from tests.project import BIN, ROOT, clean_env, dvc, dvc_attempt, git, tracked_env
+from tests.servers import stage_processes
+from tests.store import wait_for_training
 
 BASE = {
     "h25": {"train_acc": 100.0, "test_acc": 97.867, "loss": 0.05},
@@ -268,7 +272,7 @@ def test_degraded_run_fails_the_gate_and_an_unchanged_run_passes(repo_copy):
     env = clean_env()  # NNBP_TRACKING=off: this test is about the metrics, not MLflow
 
     # 1. Degrade on purpose: 5 iterations instead of the committed run's thousands.
-    set_params(repo, iters=5, log_every=5)
+    set_params(repo, {"iters": 5, "log_every": 5})
     dvc(repo, "repro", env=env)
     result = _script(repo)
     assert result.returncode == 1, result.stdout + result.stderr
@@ -307,47 +311,45 @@ def test_degraded_run_fails_the_gate_and_an_unchanged_run_passes(repo_copy):
 def test_a_lock_corrupted_by_two_dvc_commands_fails_the_gate(repo_copy):
     """Issue 11, finding 7, as it happens: `dvc exp run -S iters=10` started while `dvc repro`
     trains is refused by DVC's lock but rewrites params.yaml, and the repro then records
-    iters 10 in dvc.lock beside a model trained with 100,000."""
+    iters 10 in dvc.lock beside a model trained with 20,000. The training stage is held
+    (SIGSTOP) while the second command runs, so the race happens whatever the machine's speed."""
     repo = repo_copy(iters=20, log_every=10)
-    env = clean_env()
-    dvc(repo, "repro", env=env)
+    dvc(repo, "repro")
     result = _script(repo, "--baseline", "reports/metrics.json")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "dvc.lock: its params are the hyperparameters models/ records" in result.stdout
 
-    set_params(repo, iters=100_000, log_every=1000)
+    set_params(repo, {"iters": 20_000, "log_every": 10_000})
     # Tracked, so that the test knows when training has begun: the stage has read params.yaml.
     db = repo.parent / "mlflow.db"
     with subprocess.Popen(
         [str(BIN / "dvc"), "repro", "train@h25"],
         cwd=repo,
-        env=stage_env(f"sqlite:///{db}"),
+        env=tracked_env(f"sqlite:///{db}"),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     ) as repro:
         try:
             wait_for_training(db, repro)
-            second = subprocess.run(
-                [str(BIN / "dvc"), "exp", "run", "-S", "iters=10"],
-                cwd=repo,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=300,
-            )
+            (stage,) = stage_processes(repo)
+            os.kill(stage, signal.SIGSTOP)
+            try:
+                second = dvc_attempt(repo, "exp", "run", "-S", "iters=10", timeout=300)
+            finally:
+                os.kill(stage, signal.SIGCONT)
             output, _ = repro.communicate(timeout=600)
         finally:
             if repro.poll() is None:
                 repro.kill()
     assert second.returncode != 0, "the second DVC command was not refused"
-    assert "after 100000 iterations" in output, output
+    assert "after 20000 iterations" in output, output
     assert "iters: 10\n" in (repo / "dvc.lock").read_text(), "DVC's race did not happen"
 
     result = _script(repo, "--baseline", "reports/metrics.json")
     assert result.returncode == 1, result.stdout + result.stderr
     assert result.stderr.splitlines() == [
-        "dvc.lock disagrees with models/h25.npz: iters is 10 in dvc.lock but 100000 in the "
+        "dvc.lock disagrees with models/h25.npz: iters is 10 in dvc.lock but 20000 in the "
         "model (two DVC commands in one workspace?); run dvc repro -f train@h25"
     ]
     assert "FAILED: dvc.lock disagrees with the models on 1 value(s)" in result.stdout

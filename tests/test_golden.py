@@ -22,7 +22,7 @@ from collections.abc import Iterable
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.project import ROOT
 
 SIZES = [30, 12, 4]
 N, N_TEST, BLOCKS, ITERS, LOG_EVERY = 101, 37, 3, 60, 7

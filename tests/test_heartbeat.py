@@ -12,17 +12,17 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from nnbp.tooling.tracking.store import EXPERIMENT
-from tests.conftest import BIN, clean_env
-from tests.errors_helpers import stage_cmd, write_params
+from tests.params import changed_params
+from tests.project import BIN, clean_env, stage_cmd, tracked_env
 from tests.servers import Api, missing
+from tests.store import Run, by_config, runs, server_runs
 
 BEAT, STALE = 1, 10  # seconds: NNBP_HEARTBEAT_SECONDS and NNBP_HEARTBEAT_TIMEOUT in this test
 # Trains until stopped; `slow` logs its first point only, so only its heartbeat says it lives.
@@ -31,28 +31,18 @@ SLOW = {"hidden": [25], "iters": 1_000_000, "log_every": 1_000_000}
 
 
 @pytest.fixture(scope="module")
-def workspace(workspace: Path) -> Path:
-    write_params(workspace, {"configs.long": LONG, "configs.slow": SLOW})
-    return workspace
+def workspace(workspace: Path) -> Iterator[Path]:
+    """The shared workspace with this module's two configurations, as it was after it."""
+    with changed_params(workspace, {"configs.long": LONG, "configs.slow": SLOW}):
+        yield workspace
 
 
 def _api(server, env: dict[str, str]) -> Api:
     return Api(server.url, env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"])
 
 
-def _runs(api: Api) -> dict[str, dict]:
-    """configuration -> run (info, data, tags as a dict) of the project's experiment."""
-    lookup = api.request("experiments/get-by-name", experiment_name=EXPERIMENT)
-    if api.status(lookup) == 404:  # the first run has not made it yet
-        return {}
-    found = api.get("experiments/get-by-name", experiment_name=EXPERIMENT)
-    body = {"experiment_ids": [found["experiment"]["experiment_id"]], "max_results": 1000}
-    runs = {}
-    for run in api.post("runs/search", body).get("runs", []):
-        run["tags"] = {t["key"]: t["value"] for t in run["data"].get("tags", [])}
-        params = {p["key"]: p["value"] for p in run["data"].get("params", [])}
-        runs[params.get("config", run["info"]["run_name"])] = run
-    return runs
+def _runs(api: Api) -> dict[str, Run]:
+    return by_config(server_runs(api))
 
 
 def _on_machine_b(cmd: list[str]) -> list[str]:
@@ -100,13 +90,13 @@ def test_a_dead_machines_run_is_failed_after_the_timeout_and_a_slow_live_one_is_
         dead, slow = started
         _wait("both runs started", lambda: {"long", "slow"} <= set(_runs(api)))
         runs = _runs(api)
-        dead_id, slow_id = runs["long"]["info"]["run_id"], runs["slow"]["info"]["run_id"]
-        assert runs["long"]["tags"]["nnbp.host"] == "machine-b"
-        assert runs["long"]["tags"]["nnbp.machine"] == "machine-b"  # NNBP_MACHINE unset
-        first = int(runs["slow"]["tags"]["nnbp.heartbeat"])
+        dead_id, slow_id = runs["long"].run_id, runs["slow"].run_id
+        assert runs["long"].tags["nnbp.host"] == "machine-b"
+        assert runs["long"].tags["nnbp.machine"] == "machine-b"  # NNBP_MACHINE unset
+        first = int(runs["slow"].tags["nnbp.heartbeat"])
         _wait(
             "the heartbeat refreshed",
-            lambda: int(_runs(api)["slow"]["tags"]["nnbp.heartbeat"]) > first,
+            lambda: int(_runs(api)["slow"].tags["nnbp.heartbeat"]) > first,
         )
 
         os.killpg(dead.pid, signal.SIGKILL)  # machine-b's worker dies; the server lives on
@@ -125,7 +115,7 @@ def test_a_dead_machines_run_is_failed_after_the_timeout_and_a_slow_live_one_is_
         if time.time() - killed_at < STALE - BEAT:  # the check ran before the timeout
             assert early.returncode == 0, early.stderr
             assert early.stdout.strip().endswith("no orphaned run"), early.stdout
-            assert _runs(api)["long"]["info"]["status"] == "RUNNING"
+            assert _runs(api)["long"].status == "RUNNING"
 
         time.sleep(max(0.0, killed_at + STALE + 1 - time.time()))
         out = str(tmp_path / "next")
@@ -144,15 +134,15 @@ def test_a_dead_machines_run_is_failed_after_the_timeout_and_a_slow_live_one_is_
         )
         assert note in next_run.stdout, next_run.stdout
         runs = _runs(api)
-        assert runs["long"]["info"]["status"] == "FAILED"
-        why = runs["long"]["tags"]["nnbp.orphaned"]
+        assert runs["long"].status == "FAILED"
+        why = runs["long"].tags["nnbp.orphaned"]
         assert why.startswith("no heartbeat from machine machine-b (process "), why
         assert f"more than the {STALE} s allowed (NNBP_HEARTBEAT_TIMEOUT)" in why
         assert "closed as FAILED by the next run (h25) on " in why
         # its end is its last sign of life, before the kill
-        assert int(runs["long"]["info"]["end_time"]) <= killed_at * 1000 + 1
+        assert runs["long"].end_time <= killed_at * 1000 + 1
         # the slow run logged nothing for longer than the timeout, and is alive: left alone
-        assert runs["slow"]["info"]["status"] == "RUNNING", runs["slow"]["tags"]
+        assert runs["slow"].status == "RUNNING", runs["slow"].tags
         last_metric = max(
             m["timestamp"]
             for m in api.get("metrics/get-history", run_id=slow_id, metric_key="loss")["metrics"]
@@ -168,12 +158,12 @@ def test_a_dead_machines_run_is_failed_after_the_timeout_and_a_slow_live_one_is_
         )
         assert again.returncode == 0, again.stderr
         assert again.stdout.strip().endswith("no orphaned run"), again.stdout
-        assert _runs(api)["slow"]["info"]["status"] == "RUNNING"
+        assert _runs(api)["slow"].status == "RUNNING"
         assert next_run.stderr == ""
         os.killpg(slow.pid, signal.SIGTERM)
         slow.communicate(timeout=60)
-        assert _runs(api)["slow"]["info"]["status"] == "KILLED"
-        statuses = {name: r["info"]["status"] for name, r in _runs(api).items()}
+        assert _runs(api)["slow"].status == "KILLED"
+        statuses = {name: r.status for name, r in _runs(api).items()}
         assert statuses == {"long": "FAILED", "slow": "KILLED", "h25": "FINISHED"}
     finally:
         for proc in started:
@@ -184,31 +174,26 @@ def test_a_dead_machines_run_is_failed_after_the_timeout_and_a_slow_live_one_is_
 
 def test_heartbeats_change_no_bit_of_the_model(workspace: Path, tmp_path: Path):
     """A heartbeat every 10 ms while training: the model's bytes are those trained untracked."""
-    write_params(workspace, {"configs.mid": {"hidden": [25], "iters": 1500, "log_every": 500}})
     db = tmp_path / "mlflow.db"
     outs = {}
+    mid = {"configs.mid": {"hidden": [25], "iters": 1500, "log_every": 500}}
     for tracked in (True, False):
         out = tmp_path / ("tracked" if tracked else "untracked")
-        env = (
-            clean_env(NNBP_TRACKING="on", MLFLOW_TRACKING_URI=f"sqlite:///{db}")
-            if tracked
-            else clean_env()
-        )
-        result = subprocess.run(
-            stage_cmd("train", "mid", "--models", str(out), "--histories", str(out)),
-            cwd=workspace,
-            env={**env, "NNBP_HEARTBEAT_SECONDS": "0.01"},
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        env = tracked_env(f"sqlite:///{db}") if tracked else clean_env()
+        with changed_params(workspace, mid):
+            result = subprocess.run(
+                stage_cmd("train", "mid", "--models", str(out), "--histories", str(out)),
+                cwd=workspace,
+                env={**env, "NNBP_HEARTBEAT_SECONDS": "0.01"},
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
         assert result.returncode == 0, result.stderr
         outs[tracked] = (out / "mid.npz").read_bytes()
     assert outs[True] == outs[False]
-    with sqlite3.connect(db) as con:
-        ((start, end),) = con.execute("SELECT start_time, end_time FROM runs").fetchall()
-        (beat,) = con.execute("SELECT value FROM tags WHERE key = 'nnbp.heartbeat'").fetchone()
-    assert start + 100 < int(beat) <= end  # it did beat while training
+    (run,) = runs(db)
+    assert run.start_time + 100 < int(run.tags["nnbp.heartbeat"]) <= run.end_time  # it beat
 
 
 @pytest.mark.parametrize(
@@ -230,9 +215,7 @@ def test_heartbeat_settings_that_are_not_seconds_are_one_line_errors(
     result = subprocess.run(
         cmd,
         cwd=workspace,
-        env=clean_env(
-            NNBP_TRACKING="on", MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'x.db'}", **{env: value}
-        ),
+        env=tracked_env(f"sqlite:///{tmp_path / 'x.db'}", **{env: value}),
         capture_output=True,
         text=True,
         timeout=120,

@@ -12,7 +12,7 @@ from nnbp.backprop import init_weights
 from nnbp.lab import PUBLISHED, published_for
 from nnbp.labdata import one_hot
 from nnbp.reports import comparison_table
-from tests.errors_helpers import project_files, run_stage
+from tests.project import project_files, run_stage
 
 LAB_PROBLEM = dict(tau=0.2, iters=5000, n_train=1000, n_test=4000)
 

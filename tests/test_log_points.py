@@ -9,8 +9,8 @@ import subprocess
 from pathlib import Path
 
 from nnbp.dvcfiles import read_yaml
-from tests.conftest import ROOT
-from tests.errors_helpers import changed_params, run_stage, stage_cmd, stage_env
+from tests.params import changed_params
+from tests.project import ROOT, run_stage, stage_cmd, tracked_env
 
 
 def _train(workspace: Path, out: Path, **params: int) -> tuple[bytes, list[dict]]:
@@ -44,7 +44,7 @@ def test_a_tracked_run_logs_its_cores_and_memory_as_system_metrics(workspace: Pa
 
     db = tmp_path / "mlflow.db"
     out = tmp_path / "out"
-    env = stage_env(f"sqlite:///{db}", MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="0.2")
+    env = tracked_env(f"sqlite:///{db}", MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="0.2")
     with changed_params(workspace, {"iters": 1500, "log_every": 500}):  # about 2 s of training
         proc = subprocess.run(
             stage_cmd("train", "h25", "--models", str(out), "--histories", str(out)),

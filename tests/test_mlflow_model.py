@@ -19,7 +19,7 @@ import pytest
 from nnbp.artifacts import Prepared, TrainedModel
 from nnbp.backprop import predict
 from nnbp.tooling.tracking.store import EXPERIMENT
-from tests.conftest import clean_env, copy_repo, dvc
+from tests.project import clean_env, copy_repo, dvc
 
 pytestmark = pytest.mark.slow
 

@@ -19,35 +19,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.errors_helpers import (
+from tests.badfiles import (
     ZipMember,
-    _good,
-    assert_one_line_error,
-    changed_params,
     deflated_zeros,
-    invoke,
-    leftover_temp_files,
+    good_arrays,
     mat_bomb,
     npy_header,
     npy_member,
     npz_bomb,
-    snapshot,
-    stage_cmd,
-    stage_env,
     write_zip,
 )
+from tests.params import changed_params
+from tests.project import assert_one_line_error, clean_env, invoke, stage_cmd
 
 GB = 10**9
 FAST = 10  # seconds: Python and NumPy start-up on a loaded machine, then reading a few headers
 SMALL = 400 * 2**20  # bytes of peak memory: the interpreter, NumPy, and no array of the bomb
-
-
-@pytest.fixture
-def unchanged(workspace: Path):
-    before = snapshot(workspace)
-    yield workspace
-    assert snapshot(workspace) == before
-    assert leftover_temp_files(workspace) == []
 
 
 def _run_measured(cmd: list[str], cwd: Path, address_space: int | None = None):
@@ -62,7 +49,7 @@ def _run_measured(cmd: list[str], cwd: Path, address_space: int | None = None):
         proc = subprocess.Popen(
             cmd,
             cwd=cwd,
-            env=stage_env(),
+            env=clean_env(),
             stdin=stdin,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -115,7 +102,7 @@ def test_a_consistent_bomb_beyond_the_memory_is_refused_before_inflating(
 
 
 def _with_member(good: Path, path: Path, member: ZipMember, replaces: str = "X_train") -> Path:
-    arrays = _good(good)
+    arrays = good_arrays(good)
     members = [npy_member(f"{k}.npy", v) for k, v in arrays.items() if k != replaces]
     return write_zip(path, [member, *members])
 
@@ -139,7 +126,7 @@ def _claims_too_much(method: int):
 
 
 def _bzip2(good: Path, path: Path) -> Path:
-    member = npy_member("X_train.npy", _good(good)["X_train"])
+    member = npy_member("X_train.npy", good_arrays(good)["X_train"])
     member.method = 12
     return _with_member(good, path, member)
 
@@ -150,7 +137,7 @@ def _not_npy(good: Path, path: Path) -> Path:
 
 
 def _duplicate(good: Path, path: Path) -> Path:
-    arrays = _good(good)
+    arrays = good_arrays(good)
     return _with_member(good, path, npy_member("X_train.npy", arrays["X_train"]), replaces="")
 
 
@@ -204,7 +191,7 @@ def test_a_member_of_a_model_is_checked_too(unchanged: Path, tmp_path: Path):
 
 def test_honest_archives_still_load(unchanged: Path, tmp_path: Path):
     """np.savez_compressed and np.savez (stored) archives of the lab's layout still load."""
-    arrays = _good(unchanged / "data/digits.npz")
+    arrays = good_arrays(unchanged / "data/digits.npz")
     for save in (np.savez, np.savez_compressed):
         path = tmp_path / f"{save.__name__}.npz"
         save(path, **arrays)

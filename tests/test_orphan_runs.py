@@ -13,37 +13,29 @@ import signal
 import sqlite3
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import BIN
-from tests.errors_helpers import (
-    error_lines,
-    init_mlflow_store,
-    run_stage,
-    sqlite_runs,
-    stage_cmd,
-    stage_env,
-    write_params,
-)
+from tests.params import changed_params
+from tests.project import BIN, error_lines, run_stage, stage_cmd, tracked_env
+from tests.store import runs
 
 # A configuration that trains until stopped, logging every 1,000 iterations.
 LONG = {"hidden": [25], "iters": 1_000_000, "log_every": 1000}
 
 
 @pytest.fixture(scope="module")
-def workspace(workspace: Path) -> Path:
-    """The module's workspace, with the configuration ``long`` besides h25."""
-    write_params(workspace, {"configs.long": LONG})
-    return workspace
+def workspace(workspace: Path) -> Iterator[Path]:
+    """The shared workspace with the configuration ``long`` besides h25, as it was after."""
+    with changed_params(workspace, {"configs.long": LONG}):
+        yield workspace
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> tuple[Path, str]:
-    db = tmp_path / "mlflow.db"
-    init_mlflow_store(db)
-    return db, f"sqlite:///{db}"
+def store(mlflow_uri: str) -> tuple[Path, str]:
+    return Path(mlflow_uri.removeprefix("sqlite:///")), mlflow_uri
 
 
 def _long_training(workspace: Path, uri: str, out: Path) -> subprocess.Popen:
@@ -51,7 +43,7 @@ def _long_training(workspace: Path, uri: str, out: Path) -> subprocess.Popen:
     return subprocess.Popen(
         stage_cmd("train", "long", "--models", str(out), "--histories", str(out)),
         cwd=workspace,
-        env=stage_env(uri),
+        env=tracked_env(uri),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -63,9 +55,9 @@ def _running_with_metrics(db: Path, known: set[str], proc: subprocess.Popen) -> 
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()
-        for run_id, status, metrics in sqlite_runs(db):
-            if run_id not in known and status == "RUNNING" and metrics > 0:
-                return run_id
+        for run in runs(db):
+            if run.run_id not in known and run.status == "RUNNING" and run.steps:
+                return run.run_id
         time.sleep(0.2)
     raise AssertionError("training did not start in time")
 
@@ -75,7 +67,7 @@ def _close_orphans(workspace: Path, uri: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [str(BIN / "nnbp-close-orphans")],
         cwd=workspace,
-        env=stage_env(uri),
+        env=tracked_env(uri),
         capture_output=True,
         text=True,
         timeout=120,
@@ -83,12 +75,11 @@ def _close_orphans(workspace: Path, uri: str) -> subprocess.CompletedProcess:
 
 
 def _statuses(db: Path) -> dict[str, str]:
-    return {run_id: status for run_id, status, _ in sqlite_runs(db)}
+    return {run.run_id: run.status for run in runs(db)}
 
 
 def _tags(db: Path, run_id: str) -> dict[str, str]:
-    with sqlite3.connect(db) as con:
-        return dict(con.execute("SELECT key, value FROM tags WHERE run_uuid = ?", (run_id,)))
+    return next(run.tags for run in runs(db) if run.run_id == run_id)
 
 
 def _kill_9(proc: subprocess.Popen) -> None:
@@ -120,7 +111,7 @@ def test_a_run_killed_with_sigkill_is_closed_by_the_next_run_not_a_live_one(
     _kill_9(dead)
     assert _statuses(db) == {dead_run: "RUNNING", live_run: "RUNNING"}
 
-    proc = run_stage("train", "h25", cwd=workspace, tracking_uri=uri)
+    proc = run_stage("train", "h25", cwd=workspace, env=tracked_env(uri))
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
     note = f"note: closed MLflow run 'long' ({dead_run[:8]}) as FAILED: its process {dead.pid} on "
@@ -178,12 +169,5 @@ def test_a_store_locked_mid_run_is_one_warning_line_and_the_run_still_closes(
     assert "database is locked" in line
     assert error_lines(rest) == ["terminated (SIGTERM): stopped; no output is half-written"], rest
     assert _statuses(db) == {run_id: "KILLED"}
-    with sqlite3.connect(db) as con:
-        steps = [
-            s
-            for (s,) in con.execute(
-                "SELECT step FROM metrics WHERE run_uuid = ? AND key = 'loss' ORDER BY step",
-                (run_id,),
-            )
-        ]
+    steps = next(run.steps["loss"] for run in runs(db) if run.run_id == run_id)
     assert len(steps) >= 2 and steps == list(range(0, steps[-1] + 1, 1000)), steps

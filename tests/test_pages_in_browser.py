@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,25 +20,29 @@ from playwright.sync_api import Error as PlaywrightError
 from nnbp.dvcfiles import read_yaml
 from nnbp.files import file_md5
 from tests.browser import chromium, screenshot
-from tests.conftest import BIN, ROOT, clean_env, copy_repo, dvc, run
+from tests.project import ROOT, Pipeline, dvc
 from tests.servers import start_ui, stop_server
+from tests.store import runs
 
-ITERS, LOG_EVERY = 60, 10
-CONFIGS = ("h25", "h100", "h100_l2")
+ITERS, LOG_EVERY, CONFIGS = Pipeline.ITERS, Pipeline.LOG_EVERY, Pipeline.CONFIGS
 METRICS = ("loss", "train_acc", "test_acc")
-TRACKED = clean_env(NNBP_TRACKING="on")  # the default store: mlflow.db in the copy
 TIMEOUT_MS = 30_000
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of the repository after `dvc repro` (tracked) and `dvc plots show`."""
-    root = copy_repo(tmp_path_factory.mktemp("pages") / "repo", iters=ITERS, log_every=LOG_EVERY)
-    dvc(root, "repro", env=TRACKED)
-    run([str(BIN / "dvc"), "plots", "show"], root, TRACKED)
-    return root
+def repo(pipeline: Pipeline) -> Path:
+    """The shared run (tracked), whose runs the UI shows."""
+    return pipeline.root
+
+
+@pytest.fixture(scope="module")
+def plots_page(pipeline: Pipeline, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The page `dvc plots show` writes of the shared run (to a folder of this module)."""
+    out = tmp_path_factory.mktemp("plots")
+    dvc(pipeline.root, "plots", "show", "-o", str(out), env=pipeline.env)
+    return out / "index.html"
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +98,7 @@ def _plot_titles() -> dict[str, str]:
     return {k: v["title"] for p in plots if isinstance(p, dict) for k, v in p.items()}
 
 
-def test_plots_page_draws_every_chart_and_figure_offline(browser: Any, repo: Path) -> None:
+def test_plots_page_draws_every_chart_and_figure_offline(browser: Any, plots_page: Path) -> None:
     context = browser.new_context(offline=True, viewport={"width": 1280, "height": 900})
     requests: list[str] = []
     errors: list[str] = []
@@ -105,7 +108,7 @@ def test_plots_page_draws_every_chart_and_figure_offline(browser: Any, repo: Pat
     page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
     page.add_init_script(KEEP_VIEWS)
     try:
-        page.goto((repo / "dvc_plots" / "index.html").as_uri())
+        page.goto(plots_page.as_uri())
         page.wait_for_load_state("load")
         expected = _plot_titles()
         assert set(expected) == set(METRICS), "dvc.yaml's charts are not the metrics"
@@ -168,12 +171,7 @@ def stale(sentence: str) -> str:
 
 def _runs(repo: Path) -> dict[str, tuple[str, str]]:
     """configuration -> (run name, run id), from the copy's store."""
-    with sqlite3.connect(repo / "mlflow.db") as db:
-        rows = db.execute(
-            "SELECT p.value, r.name, r.run_uuid FROM runs r JOIN params p"
-            " ON p.run_uuid = r.run_uuid AND p.key = 'config'"
-        ).fetchall()
-    return {config: (name, run_id) for config, name, run_id in rows}
+    return {run.config: (run.name, run.run_id) for run in runs(repo / "mlflow.db")}
 
 
 # The runs table's cells, row by row: column id -> text (the grid splits a row in parts).
@@ -202,8 +200,8 @@ def ui(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def test_mlflow_ui_shows_what_the_readme_says(browser: Any, repo: Path, ui: str) -> None:
-    runs = _runs(repo)
-    assert sorted(runs) == sorted(CONFIGS)
+    found = _runs(repo)
+    assert sorted(found) == sorted(CONFIGS)
     digest = file_md5(repo / "data" / "digits.npz")
     context = browser.new_context(viewport={"width": 1920, "height": 1080})
     page = context.new_page()
@@ -215,7 +213,7 @@ def test_mlflow_ui_shows_what_the_readme_says(browser: Any, repo: Path, ui: str)
         assert match, f"README's UI link is gone: {link_sentence!r}"
         page.goto(ui + match.group(2))
         table = readme_says("*Runs*, the table")
-        for name, _ in runs.values():
+        for name, _ in found.values():
             try:
                 page.get_by_text(name, exact=True).first.wait_for()
             except PlaywrightError:
@@ -232,7 +230,7 @@ def test_mlflow_ui_shows_what_the_readme_says(browser: Any, repo: Path, ui: str)
         # a run's name cell: its colour, then its name
         rows = {r.get("attributes.Run Name", "").split("\n")[-1]: r for r in page.evaluate(TABLE)}
         screenshot(page, "mlflow_ui_runs")
-        for config, (name, _) in runs.items():
+        for config, (name, _) in found.items():
             row = rows.get(name)
             assert row is not None, f"no row for {name!r} in {sorted(rows)}; " + stale(table)
             dataset = row.get("attributes.Dataset", "")
@@ -249,7 +247,7 @@ def test_mlflow_ui_shows_what_the_readme_says(browser: Any, repo: Path, ui: str)
         charts = readme_says("The chart view")
         page.locator("label:has(input[name=runs-view-mode][value=CHART])").click()
         for metric in METRICS:
-            for name, _ in runs.values():
+            for name, _ in found.values():
                 legend = f"{name} ({metric})"
                 try:
                     page.get_by_text(legend, exact=True).first.wait_for()
@@ -269,7 +267,7 @@ def test_mlflow_ui_shows_what_the_readme_says(browser: Any, repo: Path, ui: str)
 
         # A run's page, from its name in the table: its datasets and its logged model.
         config = "h25"
-        name, run_id = runs[config]
+        name, run_id = found[config]
         run_page = readme_says("A run's page")
         page.goto(f"{ui}/#/experiments/1/runs/{run_id}")
         try:

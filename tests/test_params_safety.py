@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import sqlite3
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +23,19 @@ from nnbp import config
 from nnbp.artifacts import TrainedModel
 from nnbp.backprop import DTYPES, GRADIENT_RULES
 from nnbp.dvcfiles import declared, read_yaml
-from tests.conftest import BIN, GIT_ID, ROOT, clean_env, copy_repo
-from tests.errors_helpers import (
+from tests.params import changed_params, set_params
+from tests.project import (
+    ROOT,
     assert_one_line_error,
-    changed_params,
+    copy_repo,
+    dvc_attempt,
     error_lines,
+    git,
     invoke,
-    set_param,
     snapshot,
-    stage_env,
+    tracked_env,
 )
+from tests.store import runs
 
 PIPELINE = read_yaml(ROOT / "dvc.yaml")
 PARAMS = read_yaml(ROOT / "params.yaml")
@@ -139,32 +140,17 @@ def test_each_key_pinned_in_a_configuration_reaches_the_model(
 # --- through DVC (slow) ----------------------------------------------------------------------
 
 
-def _dvc(repo: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(BIN / "dvc"), *args],
-        cwd=repo,
-        env=env or clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of the project after `dvc repro` (20 iterations), with the issue's file names."""
     repo = copy_repo(tmp_path_factory.mktemp("attack") / "repo", iters=20, log_every=10)
-    proc = _dvc(repo, "repro")
+    proc = dvc_attempt(repo, "repro")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for name in ("a;touch PWNED1;x.npz", "my data.npz", "a'b.npz"):
         shutil.copy(repo / "data/digits.npz", repo / "data" / name)
-    _git(repo, "add", "--all")
-    _git(repo, "commit", "--quiet", "-m", "reproduced")
+    git(repo, "add", "--all")
+    git(repo, "commit", "--quiet", "-m", "reproduced")
     return repo
-
-
-def _git(repo: Path, *args: str) -> None:
-    subprocess.run(["git", *GIT_ID, *args], cwd=repo, env=clean_env(), check=True)
 
 
 @pytest.fixture
@@ -175,8 +161,8 @@ def attacked(project: Path):
     leaked = sorted(str(p.relative_to(project)) for p in project.rglob("PWNED*"))
     for name in leaked:  # so that the next test starts clean
         (project / name).unlink()
-    _git(project, "checkout", "--quiet", "--force", "HEAD", "--", ".")
-    proc = _dvc(project, "checkout", "--force")
+    git(project, "checkout", "--quiet", "--force", "HEAD", "--", ".")
+    proc = dvc_attempt(project, "checkout", "--force")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert leaked == [], "a command hidden in a parameter ran"
 
@@ -192,7 +178,7 @@ def _outputs(repo: Path) -> dict[str, str]:
 def test_a_path_with_shell_syntax_is_a_file_name(attacked: Path, path: str):
     """The issue's semicolon, a quote, a space: the stages read the file by that name."""
     quoted = json.dumps(path)  # Hydra's override grammar takes a double-quoted string
-    proc = _dvc(attacked, "exp", "run", "-S", f"data.path={quoted}")
+    proc = dvc_attempt(attacked, "exp", "run", "-S", f"data.path={quoted}")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"{path}: 1000 training and 797 test examples" in proc.stdout
     assert "Running stage 'render'" in proc.stdout
@@ -226,7 +212,7 @@ def test_exp_run_refuses_a_value_that_is_no_number_in_one_line(
     attacked: Path, setting: str, message: str
 ):
     before = _outputs(attacked)
-    proc = _dvc(attacked, "exp", "run", "-S", setting)
+    proc = dvc_attempt(attacked, "exp", "run", "-S", setting)
     assert proc.returncode != 0
     ours = [line for line in error_lines(proc.stderr) if line.startswith("Error:")]
     assert ours == [f"Error: params.yaml: {message}"], proc.stderr
@@ -237,8 +223,8 @@ def test_exp_run_refuses_a_value_that_is_no_number_in_one_line(
 @pytest.mark.slow
 def test_repro_single_item_reads_the_value_too(attacked: Path):
     """`dvc repro -s` skips upstream stages; the stage that runs reads its own parameters."""
-    set_param(attacked, "seed", "\"0'; touch PWNED7; '\"", indent="  ")  # render.seed
-    proc = _dvc(attacked, "repro", "-s", "render")
+    set_params(attacked, {"render.seed": "0'; touch PWNED7; '"})
+    proc = dvc_attempt(attacked, "repro", "-s", "render")
     assert proc.returncode != 0
     assert "Error: params.yaml: render.seed = " in proc.stderr
 
@@ -249,7 +235,7 @@ def test_a_shell_key_in_a_configuration_is_refused_before_training(attacked: Pat
     pinned = "  h25:\n    hidden: [25]\n    'x;touch PWNED8': 1\n"
     text = text.replace("  h25:\n    hidden: [25]\n", pinned, 1)
     (attacked / "params.yaml").write_text(text)
-    proc = _dvc(attacked, "repro")
+    proc = dvc_attempt(attacked, "repro")
     assert proc.returncode != 0
     assert "Error: params.yaml: configs.h25: 'x;touch PWNED8' is not a training parameter" in (
         proc.stderr
@@ -258,7 +244,7 @@ def test_a_shell_key_in_a_configuration_is_refused_before_training(attacked: Pat
 
 @pytest.mark.slow
 def test_a_render_seed_change_re_runs_only_render(attacked: Path):
-    proc = _dvc(attacked, "exp", "run", "-S", "render.seed=1")
+    proc = dvc_attempt(attacked, "exp", "run", "-S", "render.seed=1")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert re.findall(r"^Running stage '([^']+)'", proc.stdout, re.M) == ["render"]
 
@@ -272,7 +258,7 @@ def test_a_configuration_name_that_is_no_file_name_is_refused_before_training(
     text = text.replace("  h25:\n", f"  {json.dumps(name)}:\n    hidden: [3]\n  h25:\n", 1)
     (attacked / "params.yaml").write_text(text)
     before = _outputs(attacked)
-    proc = _dvc(attacked, "repro", f"train@{name}")
+    proc = dvc_attempt(attacked, "repro", f"train@{name}")
     assert proc.returncode != 0
     ours = [line for line in error_lines(proc.stderr) if line.startswith("Error:")]
     assert ours == [
@@ -292,10 +278,10 @@ def test_every_training_default_can_be_pinned_in_a_configuration(attacked: Path,
     text = text.replace("  h25:\n    hidden: [25]\n", "  h25:\n" + "".join(lines), 1)
     (attacked / "params.yaml").write_text(text)
     db = tmp_path / "mlflow.db"
-    proc = _dvc(attacked, "repro", "train@h25", env=stage_env(f"sqlite:///{db}"))
+    proc = dvc_attempt(attacked, "repro", "train@h25", env=tracked_env(f"sqlite:///{db}"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    with sqlite3.connect(db) as con:
-        logged = dict(con.execute("SELECT key, value FROM params"))
+    (run,) = runs(db)
+    logged = run.params
     expected = {k: str(v) for k, v in PIN_VALUES.items() if k != "hidden"}
     assert {k: logged[k] for k in expected} == expected
     assert logged["hidden"] == "[7, 5]"

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from nnbp.dvcfiles import read_yaml
-from tests.conftest import ROOT, Pipeline, dvc
+from tests.params import set_params
+from tests.project import ROOT, Pipeline, dvc
 
 pytestmark = pytest.mark.slow
 
@@ -70,10 +71,12 @@ def test_editing_tooling_re_runs_nothing_and_editing_backprop_stales_what_it_mak
 
 
 def test_tracking_changes_no_byte_of_any_output(pipeline: Pipeline, tmp_path: Path):
-    """The shared run was tracked (its train stages drew figures for MLflow); the same pipeline
-    untracked writes the same bytes: every output's hash in dvc.lock is the same."""
+    """The shared run was tracked (its train stages drew figures for MLflow) on the threads
+    `auto` gives; the same pipeline untracked on two threads writes the same bytes: every
+    output's hash in dvc.lock is the same. (test_pipeline.py runs one thread.)"""
     root = tmp_path / "repo"
     shutil.copytree(pipeline.root, root, symlinks=True)
+    set_params(root, {"threads": 2})
     dvc(root, "repro", "-f", env={**pipeline.env, "NNBP_TRACKING": "off"})
 
     def outs(path: Path) -> dict[str, str]:

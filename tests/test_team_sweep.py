@@ -20,11 +20,11 @@ import pytest
 
 from nnbp.files import file_md5
 from nnbp.tooling.tracking.store import EXPERIMENT
-from tests.conftest import BIN, GIT_ID, clean_env, copy_repo
+from tests.project import clean_env, copy_repo, sh, wait_for_queue
 from tests.servers import S3, Api, start_s3_server, stop_server
 
 ITERS, LOG_EVERY = 20, 10
-CONFIGS = ("h25", "h100", "h100_l2")
+CONFIGS = ("h25",)  # one configuration: what is shared is the same for three
 SLICES = {"machine-a": "seed=0,1,2", "machine-b": "seed=3,4"}
 
 
@@ -45,22 +45,6 @@ class Team:
         return Api(self.server.url, m["MLFLOW_TRACKING_USERNAME"], m["MLFLOW_TRACKING_PASSWORD"])
 
 
-def sh(cwd: Path, env: dict[str, str], *cmd: str, ok: bool = True) -> subprocess.CompletedProcess:
-    """``cmd`` (git, dvc or a console script of the venv) in ``cwd``; fails the test on a
-    non-zero exit unless ``ok`` is False."""
-    exe = cmd[0] if cmd[0] == "git" else str(BIN / cmd[0])
-    args = [*GIT_ID, *cmd[1:]] if cmd[0] == "git" else list(cmd[1:])
-    result = subprocess.run(
-        [exe, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
-    )
-    if ok and result.returncode != 0:
-        pytest.fail(
-            f"{' '.join(cmd)} exited {result.returncode}\n{result.stdout[-3000:]}\n"
-            f"{result.stderr[-3000:]}"
-        )
-    return result
-
-
 @pytest.fixture(scope="module")
 def team(tmp_path_factory, team_tracking) -> Iterator[Team]:
     """The remotes set up once, as the README's team section does it, and the baseline shared."""
@@ -72,7 +56,8 @@ def team(tmp_path_factory, team_tracking) -> Iterator[Team]:
         subprocess.run(
             ["git", "init", "--quiet", "--bare", "--initial-branch=main", str(origin)], check=True
         )
-        lead = copy_repo(root / "lead", iters=ITERS, log_every=LOG_EVERY)
+        configs = {name: {"hidden": [25]} for name in CONFIGS}
+        lead = copy_repo(root / "lead", iters=ITERS, log_every=LOG_EVERY, configs=configs)
         t = Team(origin, s3, server, member, lead, root)
         env = t.env("lead")
         sh(lead, env, "git", "remote", "add", "origin", str(origin))
@@ -91,18 +76,6 @@ def team(tmp_path_factory, team_tracking) -> Iterator[Team]:
 def _clone(team: Team, name: str, env: dict[str, str]) -> Path:
     sh(team.root, env, "git", "clone", "--quiet", str(team.origin), name)
     return team.root / name
-
-
-def _wait_for_queue(clones: list[tuple[Path, dict[str, str]]], timeout: float = 900) -> None:
-    deadline = time.monotonic() + timeout
-    for clone, env in clones:
-        while True:
-            status = sh(clone, env, "dvc", "queue", "status").stdout
-            if "Queued" not in status and "Running" not in status:
-                break
-            assert time.monotonic() < deadline, status
-            time.sleep(2)
-        assert "Failed" not in status, (status, sh(clone, env, "dvc", "queue", "logs", "-h").stdout)
 
 
 def _experiments(clone: Path, env: dict[str, str]) -> dict[str, dict]:
@@ -132,7 +105,9 @@ def test_a_sweep_over_two_machines_reaches_the_reviewer_and_mlflow_once(team: Te
         workers[machine] = (clone, env)
     for clone, env in workers.values():  # both machines at once
         sh(clone, env, "dvc", "queue", "start", "-j", "1")
-    _wait_for_queue(list(workers.values()))
+    for clone, env in workers.values():
+        status = wait_for_queue(clone, env)
+        assert "Success" in status and "Failed" not in status, status
     swept = time.monotonic() - started
     names = {}
     for machine, (clone, env) in workers.items():
@@ -150,7 +125,7 @@ def test_a_sweep_over_two_machines_reaches_the_reviewer_and_mlflow_once(team: Te
         assert set(exp["metrics"]) == set(CONFIGS)
         assert all(0 < exp["metrics"][c]["test_acc"] <= 100 for c in CONFIGS)
 
-    best = max(listed, key=lambda n: listed[n]["metrics"]["h100"]["test_acc"])
+    best = max(listed, key=lambda n: listed[n]["metrics"]["h25"]["test_acc"])
     sh(reviewer, reviewer_env, "nnbp-apply", "origin", best)
     machine = next(m for m, found in names.items() if best in found)
     clone, env = workers[machine]

@@ -34,20 +34,20 @@ from nnbp.backprop import predict
 from nnbp.dvcfiles import read_yaml
 from nnbp.files import file_md5
 from nnbp.tooling.tracking.store import EXPERIMENT
-from tests.conftest import BIN, clean_env, copy_repo, dvc
-from tests.errors_helpers import write_params
+from tests.params import set_params
+from tests.project import BIN, clean_env, copy_repo, dvc
 from tests.servers import (
     ADMIN,
     Api,
     Server,
     add_member,
-    all_runs,
     free_port,
     member_env,
     missing,
     start_server,
     stop_server,
 )
+from tests.store import runs, server_runs
 
 PG_DEFAULT_BIN = Path("/usr/lib/postgresql/15/bin")  # Debian's postgresql-15
 ITERS, LOG_EVERY = 20, 10
@@ -217,7 +217,8 @@ def test_server_refuses_requests_without_valid_credentials_or_from_other_hosts(m
 @pytest.mark.slow
 def test_pipeline_logs_every_configuration_to_the_team_server(mlflow_server, tmp_path, monkeypatch):
     server = mlflow_server
-    repo = copy_repo(tmp_path / "repo", iters=ITERS, log_every=LOG_EVERY)
+    one = {"h25": {"hidden": [25]}}  # a configuration is logged as any other is
+    repo = copy_repo(tmp_path / "repo", iters=ITERS, log_every=LOG_EVERY, configs=one)
     params = read_yaml(repo / "params.yaml")
     configs = params["configs"]
     user, password = add_member(server, "alice")
@@ -360,7 +361,7 @@ def test_wrong_password_fails_before_training_in_one_line_leaving_the_outputs(
     assert result.returncode == 0, result.stderr
     before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (prepared_repo / out).iterdir()}
     admin = Api(server.url, ADMIN, server.admin_password)
-    runs_before = all_runs(admin)
+    runs_before = server_runs(admin)
 
     env = member_env(user, password + "-wrong", server.url)
     result, seconds = _train(prepared_repo, out, LONG, **{k: env[k] for k in WITH_CREDENTIALS})
@@ -373,7 +374,7 @@ def test_wrong_password_fails_before_training_in_one_line_leaving_the_outputs(
     assert seconds < FAST, f"took {seconds:.1f} s"  # LONG iterations: it did not train
     after = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (prepared_repo / out).iterdir()}
     assert after == before
-    assert all_runs(admin) == runs_before  # no run was opened
+    assert server_runs(admin) == runs_before  # no run was opened
 
 
 # --- tracking problems fail at once --------------------------------------------------------
@@ -390,7 +391,7 @@ def prepared_repo(tmp_path_factory) -> Path:
 def _train_command(repo: Path, out: str, iters: int, log_every: int = LOG_EVERY) -> list[str]:
     """`python stages/train.py h25` as dvc.yaml runs it, writing into ``out``, with ``iters``
     (and ``log_every``) in the copy's params.yaml."""
-    write_params(repo, {"iters": iters, "log_every": min(iters, log_every)})
+    set_params(repo, {"iters": iters, "log_every": min(iters, log_every)})
     return [sys.executable, "stages/train.py", "h25", "--models", out, "--histories", out]
 
 
@@ -499,15 +500,8 @@ def test_train_stage_through_dvc_fails_at_once_on_a_closed_port(prepared_repo):
 
 
 def _server_runs(db: Path) -> dict[str, tuple[str, int]]:
-    """run id -> (status, metric rows), read from the server's SQLite store directly."""
-    import sqlite3
-
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
-        rows = con.execute(
-            "SELECT r.run_uuid, r.status, (SELECT COUNT(*) FROM metrics m "
-            "WHERE m.run_uuid = r.run_uuid) FROM runs r"
-        ).fetchall()
-    return {run_id: (status, n) for run_id, status, n in rows}
+    """run id -> (status, metric points), read from the server's SQLite store directly."""
+    return {run.run_id: (run.status, sum(map(len, run.steps.values()))) for run in runs(db)}
 
 
 @pytest.mark.slow

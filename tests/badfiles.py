@@ -1,191 +1,19 @@
-"""Helpers of the error tests: run a stage as the user does, change its parameters, snapshot
-outputs, make bad files."""
+"""Bad input files, made on purpose: archives that are not what they claim, pickles that would run
+code if loaded, zip and .mat bombs that inflate to gigabytes, written by hand byte by byte."""
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import importlib.util
 import io
 import os
 import pickle
-import re
-import shutil
-import sqlite3
 import struct
-import subprocess
-import sys
-import time
 import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import click
 import numpy as np
 import scipy.io
-from click.testing import CliRunner
-from ruamel.yaml import YAML
-
-from tests.conftest import clean_env, copy_repo
-
-ROOT = Path(__file__).resolve().parents[1]
-STAGES = ROOT / "stages"
-OUTPUT_DIRS = ("data/prepared", "models", "reports")
-# The workspace's training: the digits, few iterations (params.yaml's other values as they are).
-WORKSPACE_PARAMS = {"data.source": "digits", "iters": 20, "log_every": 10}
-
-
-def stage_env(tracking_uri: str | None = None, **extra: str) -> dict[str, str]:
-    """The environment of a stage: tracking off, unless ``tracking_uri`` names a store."""
-    if tracking_uri is None:
-        return clean_env(**extra)
-    env = clean_env(MLFLOW_TRACKING_URI=tracking_uri, **extra)
-    env.pop("NNBP_TRACKING")
-    return env
-
-
-def stage_cmd(stage: str, *args: str) -> list[str]:
-    return [sys.executable, str(STAGES / f"{stage}.py"), *args]
-
-
-def run_stage(
-    stage: str, *args: str, cwd: Path, tracking_uri: str | None = None, timeout: float = 120, **kw
-) -> subprocess.CompletedProcess:
-    """Run ``stages/STAGE.py ARGS`` in ``cwd`` as the user (or DVC) does."""
-    return subprocess.run(
-        stage_cmd(stage, *args),
-        cwd=cwd,
-        env=stage_env(tracking_uri),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        **kw,
-    )
-
-
-_STAGE_COMMANDS: dict[str, click.Command] = {}
-
-
-def stage_command(stage: str) -> click.Command:
-    """The Click command of ``stages/STAGE.py``, loaded once."""
-    if stage not in _STAGE_COMMANDS:
-        spec = importlib.util.spec_from_file_location(f"stage_{stage}", STAGES / f"{stage}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        _STAGE_COMMANDS[stage] = module.main
-    return _STAGE_COMMANDS[stage]
-
-
-def invoke(
-    stage: str, *args: str, cwd: Path, tracking_uri: str | None = None
-) -> subprocess.CompletedProcess:
-    """Run a stage's command in this process (Click's test runner): the entry point of the
-    script without the cost of a new interpreter. Anything but a clean exit propagates."""
-    env = {"NNBP_TRACKING": "off", "MLFLOW_TRACKING_URI": None, "DVC_STAGE": None}
-    if tracking_uri is not None:
-        env.update(NNBP_TRACKING=None, MLFLOW_TRACKING_URI=tracking_uri)
-    previous = Path.cwd()
-    os.chdir(cwd)
-    try:
-        result = CliRunner().invoke(
-            stage_command(stage), list(args), env=env, catch_exceptions=False
-        )
-    finally:
-        os.chdir(previous)
-    return subprocess.CompletedProcess(list(args), result.exit_code, result.stdout, result.stderr)
-
-
-def write_params(root: Path, changes: Mapping[str, Any]) -> None:
-    """Set the dotted keys of ``changes`` in ``root/params.yaml`` (``None`` deletes a key)."""
-    yaml = YAML(typ="safe")
-    path = root / "params.yaml"
-    params = yaml.load(path.read_text())
-    for key, value in changes.items():
-        *parents, last = key.split(".")
-        node = params
-        for part in parents:
-            node = node[part]
-        if value is None:
-            node.pop(last, None)
-        else:
-            node[last] = value
-    with path.open("w") as f:
-        yaml.dump(params, f)
-
-
-@contextlib.contextmanager
-def changed_params(root: Path, changes: Mapping[str, Any]) -> Iterator[Path]:
-    """``root`` with ``changes`` in its params.yaml for the block (``write_params``)."""
-    path = root / "params.yaml"
-    before = path.read_text()
-    write_params(root, changes)
-    try:
-        yield root
-    finally:
-        path.write_text(before)
-
-
-def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.strip()]
-
-
-def assert_one_line_error(
-    proc: subprocess.CompletedProcess, *fragments: str, status: int | None = None
-) -> str:
-    """The process failed with exactly one non-empty stderr line holding every fragment."""
-    lines = error_lines(proc.stderr)
-    assert proc.returncode != 0, f"exit 0; stdout={proc.stdout!r} stderr={proc.stderr!r}"
-    if status is not None:
-        assert proc.returncode == status, (proc.returncode, proc.stderr)
-    assert len(lines) == 1, f"expected one line, got:\n{proc.stderr}"
-    assert "Traceback" not in proc.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
-    return lines[0]
-
-
-def snapshot(root: Path, dirs: tuple[str, ...] = OUTPUT_DIRS) -> dict[str, str]:
-    """Every file under ``dirs`` (hidden temporary files included) -> its SHA-256."""
-    files = {}
-    for d in dirs:
-        base = root / d
-        if base.is_file():
-            files[d] = hashlib.sha256(base.read_bytes()).hexdigest()
-            continue
-        for p in sorted(base.rglob("*")) if base.is_dir() else ():
-            if p.is_file():
-                files[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return files
-
-
-def leftover_temp_files(root: Path) -> list[Path]:
-    return [p for p in root.rglob(".*.tmp")]
-
-
-# --- the workspace: a data file, its prepared arrays, one trained model ----------------------
-
-
-def project_files(root: Path, changes: Mapping[str, Any] | None = None) -> Path:
-    """The project's params.yaml (with ``changes``) and dvc.yaml in ``root``: what a stage
-    reads its parameters from."""
-    root.mkdir(parents=True, exist_ok=True)
-    for name in ("params.yaml", "dvc.yaml"):
-        shutil.copy(ROOT / name, root / name)
-    write_params(root, changes or {})
-    return root
-
-
-def make_workspace(root: Path) -> None:
-    """``project_files`` (``WORKSPACE_PARAMS`` applied) in ``root``, then ``data/digits.npz``,
-    ``data/prepared`` and a trained ``h25`` made by the stage scripts, so that every error test
-    has previous outputs to compare with."""
-    project_files(root, WORKSPACE_PARAMS)
-    for stage, args in (("data", ()), ("prepare", ()), ("train", ("h25",))):
-        proc = run_stage(stage, *args, cwd=root)
-        assert proc.returncode == 0, proc.stderr
-
 
 # --- bad data files --------------------------------------------------------------------------
 
@@ -200,7 +28,7 @@ class Evil:
         return (os.mkdir, (self.marker,))
 
 
-def _good(src: Path) -> dict[str, np.ndarray]:
+def good_arrays(src: Path) -> dict[str, np.ndarray]:
     with np.load(src) as f:
         return {k: f[k] for k in f.files}
 
@@ -215,7 +43,7 @@ def _changed(**changes: Callable[[dict], np.ndarray] | None):
     """A maker that writes the good arrays with some replaced (a function of all) or dropped."""
 
     def make(src: Path, path: Path) -> Path:
-        arrays = _good(src)
+        arrays = good_arrays(src)
         new = {k: f(arrays) for k, f in changes.items() if f is not None}
         for k in changes:
             arrays.pop(k)
@@ -254,7 +82,7 @@ def _npy(src: Path, path: Path) -> Path:
 
 
 def _object_array(src: Path, path: Path) -> Path:
-    arrays = _good(src)
+    arrays = good_arrays(src)
     marker = path.parent / f"{path.stem}.EXECUTED"
     evil = np.empty(1, dtype=object)
     evil[0] = Evil(str(marker))
@@ -272,7 +100,7 @@ def _raw_pickle(src: Path, path: Path) -> Path:
 
 def _mat(**variables: Callable[[dict], np.ndarray]):
     def make(src: Path, path: Path) -> Path:
-        a = _good(src)
+        a = good_arrays(src)
         scipy.io.savemat(path, {k: f(a) for k, f in variables.items()})
         return path
 
@@ -467,7 +295,7 @@ def npz_bomb(good: Path, path: Path, nbytes: int = 3 * 10**9, consistent: bool =
     """The issue's bomb: ``good``'s arrays, but ``X_train`` inflates to ``nbytes`` of zeros
     (3 GB from 2.9 MB). ``consistent`` gives it as many labels as examples, so that only
     its size can betray it."""
-    arrays = _good(good)
+    arrays = good_arrays(good)
     d = arrays["X_train"].shape[0]
     n = nbytes // (8 * d)
     members = [deflated_zeros("X_train.npy", npy_header((d, n)), n * d * 8)]
@@ -510,119 +338,3 @@ def mat_bomb(path: Path, n: int, d: int = 400, labels: int | None = None) -> Pat
         for compressed in (stream, zlib.compress(y)):  # miCOMPRESSED, unpadded
             f.write(struct.pack("<II", 15, len(compressed)) + compressed)
     return path
-
-
-# --- MLflow runs ----------------------------------------------------------------------------
-
-
-def sqlite_runs(db: Path) -> list[tuple[str, str, int]]:
-    """(run id, status, metric rows) of every run in an MLflow SQLite store, read directly
-    (quick, no MLflow import) while a stage may be writing to it."""
-    if not db.exists():
-        return []
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
-            return con.execute(
-                "SELECT r.run_uuid, r.status, (SELECT COUNT(*) FROM metrics m "
-                "WHERE m.run_uuid = r.run_uuid) FROM runs r"
-            ).fetchall()
-    except sqlite3.Error:  # schema not created yet, or locked
-        return []
-
-
-def wait_for_training(db: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
-    """Wait until the stage's MLflow run has logged a metric: training has started."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"the stage ended early: {proc.communicate()}")
-        if any(status == "RUNNING" and n > 0 for _, status, n in sqlite_runs(db)):
-            return
-        time.sleep(0.2)
-    raise AssertionError("training did not start in time")
-
-
-def stage_processes(root: Path, script: str = "stages/train.py") -> list[int]:
-    """Pids of the running ``python SCRIPT`` processes whose working folder is ``root``."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-            if script.encode() in argv[:3] and (proc / "cwd").resolve() == root.resolve():
-                found.append(int(proc.name))
-        except OSError:  # gone, or not ours to read
-            continue
-    return found
-
-
-def wait_gone(pids: list[int], timeout: float) -> list[int]:
-    """The pids of ``pids`` still alive after up to ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    alive = list(pids)
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.2)
-        alive = [p for p in alive if Path(f"/proc/{p}").exists() and not _zombie(p)]
-    return alive
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat[stat.rindex(")") + 2] == "Z"
-
-
-def init_mlflow_store(db: Path) -> None:
-    """Create an MLflow SQLite store (its tables) and the project's experiment, with artifacts
-    beside it, so that a stage's first use of it prints nothing."""
-    from mlflow import MlflowClient
-
-    from nnbp.tooling.tracking.store import EXPERIMENT
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
-    client.create_experiment(EXPERIMENT, artifact_location=(db.parent / "artifacts").as_uri())
-
-
-def mlflow_statuses(uri: str) -> list[str]:
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
-    experiments = client.search_experiments()
-    runs = client.search_runs([e.experiment_id for e in experiments])
-    return [r.info.status for r in runs]
-
-
-# --- a DVC copy of the project ---------------------------------------------------------------
-
-
-def copy_project(dst: Path, iters: int = 20, log_every: int = 10) -> None:
-    """The project in a fresh git repo ``dst``, with few iterations so ``dvc repro`` is quick."""
-    copy_repo(dst, iters=iters, log_every=log_every)
-
-
-def set_param(root: Path, key: str, value: str, indent: str = "") -> None:
-    """Set ``key: value`` (a top-level key, or with ``indent`` a nested one) in params.yaml."""
-    path = root / "params.yaml"
-    text, n = re.subn(
-        rf"^({indent}{re.escape(key)}:[ \t]*)[^#\n]*?([ \t]*(#.*)?)$",
-        lambda m: f"{m.group(1)}{value}{m.group(2)}",
-        path.read_text(),
-        count=1,
-        flags=re.M,
-    )
-    assert n == 1, f"{key} not found in params.yaml"
-    path.write_text(text)
-
-
-def dvc(root: Path, *args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(Path(sys.executable).parent / "dvc"), *args],
-        cwd=root,
-        env=stage_env(**env),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
