@@ -24,7 +24,7 @@ from nnbp.backprop import (
 )
 from nnbp.lab import lab_train
 from nnbp.labdata import one_hot, zscore
-from nnbp.parallel import Pool, block_bounds, thread_count
+from nnbp.parallel import ONE_BLOCK, Pool, Schedule, block_bounds, thread_count
 from nnbp.training import log_points
 
 
@@ -472,19 +472,19 @@ def test_the_thread_count_changes_no_bit_of_the_weights_or_the_history(gradient,
 def test_blocked_results_agree_with_one_block_to_rounding():
     X, Y, _, W = _problem([30, 12, 5], n=103, seed=13)
     with Pool(2) as pool:
-        kw = {"blocks": 4, "map_blocks": pool.map}
-        assert loss(W, X, Y, 0.01, **kw) == pytest.approx(loss(W, X, Y, 0.01), rel=1e-13)
-        np.testing.assert_array_equal(predict(W, X, **kw), predict(W, X))
-        for g4, g1 in zip(gradients(W, X, Y, 0.01, **kw), gradients(W, X, Y, 0.01), strict=True):
+        four = Schedule(4, pool.map)
+        assert loss(W, X, Y, 0.01, four) == pytest.approx(loss(W, X, Y, 0.01), rel=1e-13)
+        np.testing.assert_array_equal(predict(W, X, four), predict(W, X))
+        for g4, g1 in zip(gradients(W, X, Y, 0.01, four), gradients(W, X, Y, 0.01), strict=True):
             np.testing.assert_allclose(g4, g1, rtol=0, atol=1e-14)
 
 
-def test_scores_are_loss_and_predict_from_one_pass():
+def test_loss_and_predictions_are_loss_and_predict_from_one_pass():
     X, Y, _, W = _problem([30, 12, 5], n=103, seed=13)
-    for kw in ({}, {"blocks": 4}):
-        cost, predicted = loss_and_predictions(W, X, Y, 0.01, **kw)
-        assert cost == loss(W, X, Y, 0.01, **kw)
-        np.testing.assert_array_equal(predicted, predict(W, X, **kw))
+    for schedule in (ONE_BLOCK, Schedule(4)):
+        cost, predicted = loss_and_predictions(W, X, Y, 0.01, schedule)
+        assert cost == loss(W, X, Y, 0.01, schedule)
+        np.testing.assert_array_equal(predicted, predict(W, X, schedule))
 
 
 def test_an_error_in_a_block_reaches_the_caller_and_the_pool_goes_on():

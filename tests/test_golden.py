@@ -76,7 +76,7 @@ def digests() -> dict:
 
     from nnbp.backprop import fit, init_weights, loss, predict
     from nnbp.labdata import one_hot, zscore
-    from nnbp.parallel import Pool
+    from nnbp.parallel import Pool, Schedule
     from nnbp.training import log_points
 
     rng = np.random.default_rng(2025)
@@ -115,8 +115,9 @@ def digests() -> dict:
                         callback=callback,
                         **kw,
                     )
-                    predicted = [predict(W, X, **kw), predict(W, X_test, **kw)]
-                    cost = loss(W, X, Y, LAMB, **kw)
+                    schedule = Schedule(**kw)
+                    predicted = [predict(W, X, schedule), predict(W, X_test, schedule)]
+                    cost = loss(W, X, Y, LAMB, schedule)
                 history = [
                     (p.iteration, p.scores.loss, p.scores.train_acc, p.scores.test_acc)
                     for p in points

@@ -28,11 +28,12 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 
-from .parallel import Blocks, MapBlocks, in_order
+from .parallel import ONE_BLOCK, Blocks, MapBlocks, Schedule, in_order
 
 EPS = 1e-10  # the lab's guard inside log()
 DTYPES = ("float64", "float32")
 
+Array = np.ndarray  # of the shape the docstring gives
 Weights = list[np.ndarray]
 Callback = Callable[[int, Weights], None]
 
@@ -273,10 +274,10 @@ def forward(weights: Weights, X: np.ndarray) -> list[np.ndarray]:
 
 
 def _outputs(
-    weights: Weights, X: np.ndarray, Y: np.ndarray | None, blocks: int, map_blocks: MapBlocks
+    weights: Weights, X: np.ndarray, Y: np.ndarray | None, schedule: Schedule
 ) -> Blocks[Block]:
     W = list(weights)
-    parts = _blocks(W, X, Y, blocks, map_blocks)
+    parts = _blocks(W, X, Y, schedule.blocks, schedule.map_blocks)
     with _quiet():
         parts.run(lambda p: _forward(p, W))
     return parts
@@ -299,52 +300,32 @@ def _cost(parts: Blocks[Block], weights: Weights, lamb: float) -> float:
     return float(cross_entropy + lamb * sum(np.sum(W * W) for W in weights))
 
 
-def predict(
-    weights: Weights, X: np.ndarray, *, blocks: int = 1, map_blocks: MapBlocks = in_order
-) -> np.ndarray:
+def predict(weights: Weights, X: np.ndarray, schedule: Schedule = ONE_BLOCK) -> np.ndarray:
     """Predicted class indices ``0..K-1`` of ``X`` ``(d, n)``, shape ``(n,)``."""
-    return _predictions(_outputs(weights, X, None, blocks, map_blocks))
+    return _predictions(_outputs(weights, X, None, schedule))
 
 
 def loss(
-    weights: Weights,
-    X: np.ndarray,
-    Y: np.ndarray,
-    lamb: float = 0.0,
-    *,
-    blocks: int = 1,
-    map_blocks: MapBlocks = in_order,
+    weights: Weights, X: Array, Y: Array, lamb: float = 0.0, schedule: Schedule = ONE_BLOCK
 ) -> float:
     """The lab's cost: mean over examples of the binary cross-entropy summed over the K outputs
     (with its ``1e-10`` guard) plus ``lamb`` times the sum of all squared weights, biases included.
     ``X`` is ``(d, n)``, ``Y`` one-hot ``(K, n)``; the blocks' terms are summed in block order."""
     Y = np.asarray(Y, dtype=weights[0].dtype)
-    return _cost(_outputs(weights, X, Y, blocks, map_blocks), weights, lamb)
+    return _cost(_outputs(weights, X, Y, schedule), weights, lamb)
 
 
 def loss_and_predictions(
-    weights: Weights,
-    X: np.ndarray,
-    Y: np.ndarray,
-    lamb: float = 0.0,
-    *,
-    blocks: int = 1,
-    map_blocks: MapBlocks = in_order,
+    weights: Weights, X: Array, Y: Array, lamb: float = 0.0, schedule: Schedule = ONE_BLOCK
 ) -> tuple[float, np.ndarray]:
     """``loss(...)`` and ``predict(weights, X, ...)`` (same bits) from one forward pass."""
     Y = np.asarray(Y, dtype=weights[0].dtype)
-    parts = _outputs(weights, X, Y, blocks, map_blocks)
+    parts = _outputs(weights, X, Y, schedule)
     return _cost(parts, weights, lamb), _predictions(parts)
 
 
 def gradients(
-    weights: Weights,
-    X: np.ndarray,
-    Y: np.ndarray,
-    lamb: float = 0.0,
-    *,
-    blocks: int = 1,
-    map_blocks: MapBlocks = in_order,
+    weights: Weights, X: Array, Y: Array, lamb: float = 0.0, schedule: Schedule = ONE_BLOCK
 ) -> Weights:
     """nabla_{W^l} of ``loss(weights, X, Y, lamb)``, same shapes as ``weights``.
 
@@ -352,7 +333,8 @@ def gradients(
     a relative ``1e-10 / min(y, 1 - y)`` at most, far below what a finite difference resolves.
     """
     net = Net(list(weights), np.shape(X)[1])
-    parts = _blocks(net.W, X, np.asarray(Y, dtype=net.W[0].dtype), blocks, map_blocks)
+    Y = np.asarray(Y, dtype=net.W[0].dtype)
+    parts = _blocks(net.W, X, Y, schedule.blocks, schedule.map_blocks)
     with _quiet():
         parts.run(lambda p: exact_first_phase(p, net))
     return [net.gradient(parts, l, lamb).copy() for l in range(len(net.W))]

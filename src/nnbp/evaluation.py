@@ -9,7 +9,7 @@ import numpy as np
 
 from .artifacts import Prepared, Scores, TrainedModel
 from .backprop import Weights, accuracy, loss_and_predictions, predict
-from .parallel import MapBlocks, in_order
+from .parallel import ONE_BLOCK, MapBlocks, Schedule, in_order
 
 
 def score(
@@ -19,20 +19,17 @@ def score(
     lamb: float,
     X_test: np.ndarray | None = None,
     y_test: np.ndarray | None = None,
-    *,
-    blocks: int = 1,
-    map_blocks: MapBlocks = in_order,
+    schedule: Schedule = ONE_BLOCK,
 ) -> Scores:
     """``weights`` on the training set ``X`` ``(d, n)``, ``Y`` one-hot ``(K, n)``: the lab's cost
     with ``lamb`` and the accuracy; and the accuracy on the test set ``X_test`` ``(d, m)``,
-    ``y_test`` ``(m,)`` class indices, if given. In ``blocks`` blocks, so that the cost has the
-    bits of the sums training makes."""
-    run = {"blocks": blocks, "map_blocks": map_blocks}
-    cost, predicted = loss_and_predictions(weights, X, Y, lamb, **run)  # one forward pass
+    ``y_test`` ``(m,)`` class indices, if given. In training's blocks (``schedule``), so that
+    the cost has the bits of the sums training makes."""
+    cost, predicted = loss_and_predictions(weights, X, Y, lamb, schedule)  # one forward pass
     train_acc = accuracy(predicted, np.argmax(Y, axis=0))
     test_acc = None
     if X_test is not None and y_test is not None:
-        test_acc = accuracy(predict(weights, X_test, **run), y_test)
+        test_acc = accuracy(predict(weights, X_test, schedule), y_test)
     return Scores(cost, train_acc, test_acc)
 
 
@@ -47,11 +44,11 @@ class Evaluation:
 
 def evaluate(model: TrainedModel, data: Prepared, map_blocks: MapBlocks = in_order) -> Evaluation:
     """``model`` on ``data``, in the blocks it was trained in, run through ``map_blocks``."""
-    weights, run = list(model.weights), {"blocks": model.hyper["blocks"], "map_blocks": map_blocks}
+    weights, schedule = list(model.weights), Schedule(model.hyper["blocks"], map_blocks)
     scores = score(
-        weights, data.X_train, data.Y_train, model.hyper["lamb"], data.X_test, data.y_test, **run
+        weights, data.X_train, data.Y_train, model.hyper["lamb"], data.X_test, data.y_test, schedule
     )
-    y_pred = predict(weights, data.X_test, **run)
+    y_pred = predict(weights, data.X_test, schedule)
     K = data.classes
     confusion = np.zeros((K, K), dtype=np.int64)
     np.add.at(confusion, (data.y_test, y_pred), 1)

@@ -18,7 +18,7 @@ import itertools
 import os
 import threading
 from collections.abc import Callable, Iterator
-from types import TracebackType
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import numpy as np
@@ -40,6 +40,18 @@ def block_bounds(n: int, blocks: int) -> list[tuple[int, int]]:
     q, r = divmod(n, count)
     stops = np.cumsum([q + 1] * r + [q] * (count - r))
     return [(int(a), int(b)) for a, b in zip([0, *stops[:-1]], stops, strict=True)]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How a computation runs its examples: in ``blocks`` blocks (on which its last bits
+    depend), each phase through ``map_blocks`` (on which they do not)."""
+
+    blocks: int = 1
+    map_blocks: MapBlocks = in_order
+
+
+ONE_BLOCK = Schedule()
 
 
 class Blocks(Generic[T]):
@@ -131,12 +143,7 @@ class Pool:
             worker.start()
         return self
 
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._closed = True
         self._wake()
         for worker in self._workers:

@@ -11,7 +11,7 @@ from .backprop import Callback, DivergenceError, Weights, fit, init_weights
 from .config import FIT, RECORDED, Training
 from .errors import UserError
 from .evaluation import score
-from .parallel import MapBlocks, Pool, in_order, thread_count
+from .parallel import MapBlocks, Pool, Schedule, in_order, thread_count
 
 
 class Diverged(UserError):
@@ -36,11 +36,12 @@ def log_points(
     ``X`` ``(d, n)``, ``Y`` one-hot ``(K, n)`` and, if given, the test set ``X_test`` ``(d, m)``,
     ``y_test`` ``(m,)``, in the training's ``blocks``. A non-finite cost raises
     ``DivergenceError`` at that iteration."""
+    schedule = Schedule(blocks, map_blocks)
 
     def callback(t: int, W: Weights) -> None:
         if t % log_every and t != iters:
             return
-        scores = score(W, X, Y, lamb, X_test, y_test, blocks=blocks, map_blocks=map_blocks)
+        scores = score(W, X, Y, lamb, X_test, y_test, schedule)
         if not np.isfinite(scores.loss):
             raise DivergenceError(t)
         on_point(LogPoint(t, scores))
