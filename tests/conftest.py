@@ -98,13 +98,19 @@ def team_tracking(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         stop_server(proc)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Mark this session: every process a test starts inherits the mark (``clean_env``)."""
+    os.environ.setdefault(SESSION_MARK, str(os.getpid()))
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Fail the run if a process a test started outlives it (a queue worker, a server, a
-    trainer), and stop it."""
+    trainer), and stop it. (Checked once, by the process that started the session.)"""
     from tests.servers import marked_processes
 
-    mark = os.environ.get(SESSION_MARK)
-    left = marked_processes(SESSION_MARK, mark) if mark else []
+    if hasattr(session.config, "workerinput"):  # a worker of pytest-xdist: its controller checks
+        return
+    left = marked_processes(SESSION_MARK, os.environ[SESSION_MARK])
     if not left:
         return
     names = []

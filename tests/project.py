@@ -52,7 +52,7 @@ def clean_env(**extra: str) -> dict[str, str]:
     env["DVC_NO_ANALYTICS"] = "1"
     env["NNBP_TRACKING"] = "off"
     env["PYTHONUNBUFFERED"] = "1"
-    env[SESSION_MARK] = os.environ.setdefault(SESSION_MARK, str(os.getpid()))
+    env[SESSION_MARK] = os.environ[SESSION_MARK]  # set by conftest.py for the whole session
     env.update(extra)
     return env
 
