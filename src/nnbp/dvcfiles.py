@@ -89,12 +89,13 @@ def locked_params(lock: Any) -> dict[str, dict[str, Any]]:
     }
 
 
-def locked_outputs(lock: Any) -> list[tuple[str, str]]:
-    """(path, md5) of every output a parsed dvc.lock recorded with a hash; a folder's md5 ends
-    in ``.dir``."""
+def locked_outputs(lock: Any) -> list[tuple[str, str, str]]:
+    """(stage, path, md5) of every output a parsed dvc.lock recorded with a hash; a folder's md5
+    ends in ``.dir``. DVC keeps the entry of a stage that dvc.yaml no longer has (a removed
+    configuration's ``train@NAME``): the caller decides which stages count."""
     return [
-        (str(out["path"]), str(out["md5"]))
-        for entry in _stages(lock).values()
+        (str(stage), str(out["path"]), str(out["md5"]))
+        for stage, entry in _stages(lock).items()
         if isinstance(entry, Mapping)
         for out in entry.get("outs") or []
         if isinstance(out, Mapping) and "md5" in out

@@ -107,12 +107,19 @@ def share(git_remote: str, experiments: list[str], remote: str | None) -> str:
     return label
 
 
-def _outputs(ref: str) -> list[tuple[str, str]]:
-    """(path, md5) of every output in the dvc.lock of commit ``ref`` that DVC caches (those
-    with ``cache: false`` are in git, with the commit)."""
+def _outputs(repo: Any, ref: str) -> list[tuple[str, str]]:
+    """(path, md5) of every output that DVC caches (those with ``cache: false`` are in git,
+    with the commit) in the dvc.lock of commit ``ref``, of the stages its pipeline has: a
+    removed configuration's entry stays in dvc.lock, and its outputs are pushed by nobody."""
     lock = parse_yaml(git.show(ref, "dvc.lock"), f"dvc.lock at {ref}")
     in_git = set(git.run("ls-tree", "-r", "--name-only", ref).splitlines())
-    return [(path, md5) for path, md5 in locked_outputs(lock) if path not in in_git]
+    with repo.switch(ref):
+        stages = {stage.name for stage in repo.index.stages}  # train@h25, as dvc.lock names it
+    return [
+        (path, md5)
+        for stage, path, md5 in locked_outputs(lock)
+        if stage in stages and path not in in_git
+    ]
 
 
 def missing_outputs(ref: str) -> list[str]:
@@ -120,7 +127,7 @@ def missing_outputs(ref: str) -> list[str]:
     with _repo() as repo:
         cache = repo.cache.local
         missing = []
-        for path, md5 in _outputs(ref):
+        for path, md5 in _outputs(repo, ref):
             manifest = Path(cache.oid_to_path(md5))
             if not manifest.is_file():
                 missing.append(path)
