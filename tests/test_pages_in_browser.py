@@ -1,9 +1,10 @@
 """The two pages users look at, in a real browser (the system's Chromium, headless): the
-`dvc plots show` page, opened from disk with the network cut off, and the MLflow UI that
-`mlflow ui` serves on the pipeline's runs, checked against what the README says it shows.
+`dvc plots show` page, opened from disk with the network cut off, and the MLflow UI that the
+README's command serves on the pipeline's runs, checked against what docs/tracking.md says it
+shows.
 
 One small pipeline run (scikit-learn's digits, few iterations, tracked to the copy's default
-store) feeds both. Screenshots are kept in ``test-artifacts/`` (README: Working copy).
+store) feeds both. Screenshots are kept in ``test-artifacts/`` (docs/development.md: The tests).
 """
 
 from __future__ import annotations
@@ -147,23 +148,28 @@ def test_plots_page_draws_every_chart_and_figure_offline(browser: Any, repo: Pat
 # --- the MLflow UI -------------------------------------------------------------------------
 
 README = ROOT / "README.md"
+PAGE = ROOT / "docs" / "tracking.md"  # what the UI shows
+SECTION = "## The UI and what it shows"
 UI_LINK = re.compile(r"<(http://127\.0\.0\.1:5000)(/#/experiments/[^>]+)>")
 
 
-def readme_says(fragment: str) -> str:
-    """The README's bullet or paragraph of "Tracking with MLflow" that holds ``fragment``, as
-    one line: what an assertion quotes when the UI no longer does what it says."""
-    text = README.read_text()
-    section = text[text.index("## Tracking with MLflow") :]
-    section = section[: section.index("\n## ", 3)]
+def docs_say(fragment: str) -> str:
+    """The bullet or paragraph of docs/tracking.md's section on the UI that holds ``fragment``,
+    as one line: what an assertion quotes when the UI no longer does what it says."""
+    text = PAGE.read_text()
+    if SECTION not in text:
+        pytest.fail(f"docs/tracking.md has no section {SECTION!r}")
+    section = text[text.index(SECTION) :]
+    end = section.find("\n## ", 3)
+    section = section if end < 0 else section[:end]
     for block in re.split(r"\n(?=- )|\n\n", section):
         if fragment in block:
             return " ".join(block.split())
-    pytest.fail(f"README's 'Tracking with MLflow' no longer says {fragment!r}")
+    pytest.fail(f"docs/tracking.md's {SECTION!r} no longer says {fragment!r}")
 
 
 def stale(sentence: str) -> str:
-    return f"the MLflow UI no longer shows what README.md says: {sentence!r}"
+    return f"the MLflow UI no longer shows what docs/tracking.md says: {sentence!r}"
 
 
 def _runs(repo: Path) -> dict[str, tuple[str, str]]:
@@ -201,7 +207,7 @@ def ui(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         stop_server(proc)
 
 
-def test_mlflow_ui_shows_what_the_readme_says(browser: Any, repo: Path, ui: str) -> None:
+def test_mlflow_ui_shows_what_the_docs_say(browser: Any, repo: Path, ui: str) -> None:
     runs = _runs(repo)
     assert sorted(runs) == sorted(CONFIGS)
     digest = file_md5(repo / "data" / "digits.npz")
@@ -209,12 +215,12 @@ def test_mlflow_ui_shows_what_the_readme_says(browser: Any, repo: Path, ui: str)
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
     try:
-        # The README's link opens the runs table.
-        link_sentence = readme_says("workflowType=machine_learning")
+        # The documented link opens the runs table.
+        link_sentence = docs_say("workflowType=machine_learning")
         match = UI_LINK.search(link_sentence)
-        assert match, f"README's UI link is gone: {link_sentence!r}"
+        assert match, f"docs/tracking.md's UI link is gone: {link_sentence!r}"
         page.goto(ui + match.group(2))
-        table = readme_says("*Runs*, the table")
+        table = docs_say("*Runs*, the table")
         for name, _ in runs.values():
             try:
                 page.get_by_text(name, exact=True).first.wait_for()
@@ -246,7 +252,7 @@ def test_mlflow_ui_shows_what_the_readme_says(browser: Any, repo: Path, ui: str)
             )
 
         # The chart view: a chart per metric, a line per run; and the system metrics.
-        charts = readme_says("The chart view")
+        charts = docs_say("The chart view")
         page.locator("label:has(input[name=runs-view-mode][value=CHART])").click()
         for metric in METRICS:
             for name, _ in runs.values():
@@ -256,7 +262,7 @@ def test_mlflow_ui_shows_what_the_readme_says(browser: Any, repo: Path, ui: str)
                 except PlaywrightError:
                     screenshot(page, "mlflow_ui_charts")
                     pytest.fail(f"no line {legend!r} in the chart view; " + stale(charts))
-        system = readme_says("*System metrics*")
+        system = docs_say("*System metrics*")
         section = page.get_by_text(re.compile(r"^System metrics")).first
         section.wait_for()
         cores = page.get_by_text("system/process_cpu_cores", exact=True)
@@ -270,7 +276,7 @@ def test_mlflow_ui_shows_what_the_readme_says(browser: Any, repo: Path, ui: str)
         # A run's page, from its name in the table: its datasets and its logged model.
         config = "h25"
         name, run_id = runs[config]
-        run_page = readme_says("A run's page")
+        run_page = docs_say("A run's page")
         page.goto(f"{ui}/#/experiments/1/runs/{run_id}")
         try:
             page.get_by_text("Logged models (1)", exact=True).wait_for()
