@@ -1,7 +1,7 @@
 """The two pages users look at, in a real browser (the system's Chromium, headless): the
 `dvc plots show` page, opened from disk with the network cut off, and the MLflow UI that the
 README's command serves on the pipeline's runs, checked against what docs/tracking.md says it
-shows.
+shows; and that command as light as the README says.
 
 One small pipeline run (scikit-learn's digits, few iterations, tracked to the copy's default
 store) feeds both. Screenshots are kept in ``test-artifacts/`` (docs/development.md: The tests).
@@ -10,8 +10,10 @@ store) feeds both. Screenshots are kept in ``test-artifacts/`` (docs/development
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import sqlite3
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ from nnbp.dvcfiles import read_yaml
 from nnbp.files import file_md5
 from tests.browser import chromium, screenshot
 from tests.conftest import BIN, ROOT, clean_env, copy_repo, dvc, run
-from tests.servers import start_ui, stop_server
+from tests.servers import UI_MARKER, start_ui, stop_server, ui_command
 
 ITERS, LOG_EVERY = 60, 10
 CONFIGS = ("h25", "h100", "h100_l2")
@@ -198,13 +200,20 @@ TABLE = """
 
 
 @pytest.fixture(scope="module")
-def ui(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`mlflow ui` from the copy's root, as the README runs it; its URL."""
+def ui_server(
+    repo: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[subprocess.Popen, str]]:
+    """The README's UI command run from the copy's root: the process and its URL."""
     proc, url = start_ui(repo, tmp_path_factory.mktemp("ui"))
     try:
-        yield url
+        yield proc, url
     finally:
         stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def ui(ui_server: tuple[subprocess.Popen, str]) -> str:
+    return ui_server[1]
 
 
 def test_mlflow_ui_shows_what_the_docs_say(browser: Any, repo: Path, ui: str) -> None:
@@ -295,3 +304,58 @@ def test_mlflow_ui_shows_what_the_docs_say(browser: Any, repo: Path, ui: str) ->
             )
     finally:
         context.close()
+
+
+# --- the UI command: as light as the README says ----------------------------------------
+
+LIGHT = re.compile(r"(\d+) processes holding ([\d,]+) MiB")
+MEMORY_MARGIN = 1.25  # the README's figure is one measurement; this much more is still "it"
+
+
+def _readme_ui_sentence() -> str:
+    """The README's paragraph right after the UI command's block, as one line."""
+    text = README.read_text()
+    after = text[text.index(UI_MARKER) :].split("```", 2)[2]
+    return " ".join(after.strip().split("\n\n", 1)[0].split())
+
+
+def _process_group(leader: int) -> dict[int, int]:
+    """pid -> resident memory (VmRSS, kB) of every process in ``leader``'s process group."""
+    group = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.getpgid(int(entry.name)) != leader:
+                continue
+            status = (entry / "status").read_text()
+        except (ProcessLookupError, FileNotFoundError, PermissionError):
+            continue  # gone meanwhile, or not ours
+        rss = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
+        group[int(entry.name)] = int(rss.group(1)) if rss else 0  # a zombie has no VmRSS
+    return group
+
+
+def test_the_ui_command_is_as_light_as_the_readme_says(
+    ui_server: tuple[subprocess.Popen, str],
+) -> None:
+    """Run after the UI test, so the UI has served every page the docs describe."""
+    assert ui_command(PAGE) == ui_command(README), (
+        "docs/tracking.md's UI command is not the README's"
+    )
+    if not Path("/proc/self/status").exists():
+        pytest.skip("no /proc: the process group's memory is read from Linux's /proc")
+    sentence = _readme_ui_sentence()
+    stated = LIGHT.search(sentence)
+    assert stated, f"the README no longer says what its UI command costs: {sentence!r}"
+    processes, mib = int(stated.group(1)), int(stated.group(2).replace(",", ""))
+    proc, _ = ui_server
+    group = _process_group(proc.pid)
+    rss_mib = sum(group.values()) / 1024
+    assert len(group) == processes, (
+        f"the README's UI command runs {len(group)} processes, not {processes}: {sentence!r}"
+    )
+    assert rss_mib <= mib * MEMORY_MARGIN, (
+        f"the README's UI command holds {rss_mib:.0f} MiB, more than {MEMORY_MARGIN}x the "
+        f"{mib} MiB the README says: {sentence!r}"
+    )
