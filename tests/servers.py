@@ -1,8 +1,8 @@
-"""Servers and processes: real servers for the tests, started as the README starts them, on
+"""Servers and processes: real servers for the tests, started as the docs start them, on
 127.0.0.1 only: the team's MLflow tracking server (optionally behind MLflow's authentication app)
-and a client of its REST API; `mlflow ui` as the README runs it; the S3-compatible store a DVC
-remote points at (moto's server); a stage's processes and waiting for them to end; and what a
-test needs that the machine may lack (``missing``: skip, or fail under CI).
+and a client of its REST API; the MLflow UI as the README's command runs it; the S3-compatible
+store a DVC remote points at (moto's server); a stage's processes and waiting for them to end;
+and what a test needs that the machine may lack (``missing``: skip, or fail under CI).
 """
 
 from __future__ import annotations
@@ -10,7 +10,9 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import secrets
+import shlex
 import signal
 import socket
 import subprocess
@@ -145,13 +147,38 @@ def start_server(
     return proc, Server(url, artifacts, backend, time.monotonic() - start, admin_password)
 
 
+UI_MARKER = "<!-- ui-command -->"  # README.md: the ```sh block after it is the UI command
+
+
+def ui_command(readme: Path = ROOT / "README.md") -> tuple[dict[str, str], list[str]]:
+    """The README's command for the MLflow UI, the line of the ```sh block after ``UI_MARKER``:
+    its leading ``NAME=value`` settings and its words (`mlflow ui ...`)."""
+    lines = readme.read_text().splitlines()
+    if UI_MARKER not in lines:
+        pytest.fail(f"{readme.name} has no {UI_MARKER} before the UI's command")
+    at = lines.index(UI_MARKER)
+    if not lines[at + 1].startswith("```sh"):
+        pytest.fail(f"{readme.name}: no ```sh block right after {UI_MARKER}")
+    words = shlex.split(lines[at + 2], comments=True)
+    settings = {}
+    while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", words[0]):
+        name, _, value = words.pop(0).partition("=")
+        settings[name] = value
+    if words[:2] != ["mlflow", "ui"]:
+        pytest.fail(f"{readme.name}'s UI command is not `mlflow ui ...`: {lines[at + 2]!r}")
+    return settings, words
+
+
 def start_ui(repo: Path, log_folder: Path) -> tuple[subprocess.Popen, str]:
-    """`mlflow ui` as the README runs it, from the repository root ``repo`` (its default store,
-    mlflow.db), on 127.0.0.1 and a free port; returns it and its URL once healthy."""
+    """The README's UI command (``ui_command``), run from the repository root ``repo`` (its
+    default store, mlflow.db), on 127.0.0.1 and a free port; returns it and its URL once
+    healthy. It leads its own process group (``stop_server`` stops all of it)."""
+    settings, words = ui_command()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [str(BIN / "mlflow"), "ui", "--host", "127.0.0.1", "--port", str(port)]
-    proc = serve(cmd, repo, url, log_folder / "mlflow-ui.log", clean_env(), "mlflow ui")
+    cmd = [str(BIN / "mlflow"), *words[1:], "--host", "127.0.0.1", "--port", str(port)]
+    env = clean_env(**settings)
+    proc = serve(cmd, repo, url, log_folder / "mlflow-ui.log", env, " ".join(words))
     return proc, url
 
 

@@ -1,15 +1,18 @@
 """The two pages users look at, in a real browser (the system's Chromium, headless): the
-`dvc plots show` page, opened from disk with the network cut off, and the MLflow UI that
-`mlflow ui` serves on the pipeline's runs, checked against what the README says it shows.
+`dvc plots show` page, opened from disk with the network cut off, and the MLflow UI that the
+README's command serves on the pipeline's runs, checked against what docs/tracking.md says it
+shows; and that command as light as the README says.
 
 One small pipeline run (scikit-learn's digits, few iterations, tracked to the copy's default
-store) feeds both. Screenshots are kept in ``test-artifacts/`` (README: Working copy).
+store) feeds both. Screenshots are kept in ``test-artifacts/`` (docs/development.md: The tests).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,7 @@ from nnbp.dvcfiles import read_yaml
 from nnbp.files import file_md5
 from tests.browser import chromium, screenshot
 from tests.project import ROOT, Pipeline, dvc
-from tests.servers import start_ui, stop_server
+from tests.servers import UI_MARKER, start_ui, stop_server, ui_command
 from tests.store import runs
 
 ITERS, LOG_EVERY, CONFIGS = Pipeline.ITERS, Pipeline.LOG_EVERY, Pipeline.CONFIGS
@@ -150,23 +153,28 @@ def test_plots_page_draws_every_chart_and_figure_offline(browser: Any, plots_pag
 # --- the MLflow UI -------------------------------------------------------------------------
 
 README = ROOT / "README.md"
+PAGE = ROOT / "docs" / "tracking.md"  # what the UI shows
+SECTION = "## The UI and what it shows"
 UI_LINK = re.compile(r"<(http://127\.0\.0\.1:5000)(/#/experiments/[^>]+)>")
 
 
-def readme_says(fragment: str) -> str:
-    """The README's bullet or paragraph of "Tracking with MLflow" that holds ``fragment``, as
-    one line: what an assertion quotes when the UI no longer does what it says."""
-    text = README.read_text()
-    section = text[text.index("## Tracking with MLflow") :]
-    section = section[: section.index("\n## ", 3)]
+def docs_say(fragment: str) -> str:
+    """The bullet or paragraph of docs/tracking.md's section on the UI that holds ``fragment``,
+    as one line: what an assertion quotes when the UI no longer does what it says."""
+    text = PAGE.read_text()
+    if SECTION not in text:
+        pytest.fail(f"docs/tracking.md has no section {SECTION!r}")
+    section = text[text.index(SECTION) :]
+    end = section.find("\n## ", 3)
+    section = section if end < 0 else section[:end]
     for block in re.split(r"\n(?=- )|\n\n", section):
         if fragment in block:
             return " ".join(block.split())
-    pytest.fail(f"README's 'Tracking with MLflow' no longer says {fragment!r}")
+    pytest.fail(f"docs/tracking.md's {SECTION!r} no longer says {fragment!r}")
 
 
 def stale(sentence: str) -> str:
-    return f"the MLflow UI no longer shows what README.md says: {sentence!r}"
+    return f"the MLflow UI no longer shows what docs/tracking.md says: {sentence!r}"
 
 
 def _runs(repo: Path) -> dict[str, tuple[str, str]]:
@@ -190,16 +198,23 @@ TABLE = """
 
 
 @pytest.fixture(scope="module")
-def ui(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`mlflow ui` from the copy's root, as the README runs it; its URL."""
+def ui_server(
+    repo: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[subprocess.Popen, str]]:
+    """The README's UI command run from the copy's root: the process and its URL."""
     proc, url = start_ui(repo, tmp_path_factory.mktemp("ui"))
     try:
-        yield url
+        yield proc, url
     finally:
         stop_server(proc)
 
 
-def test_mlflow_ui_shows_what_the_readme_says(browser: Any, repo: Path, ui: str) -> None:
+@pytest.fixture(scope="module")
+def ui(ui_server: tuple[subprocess.Popen, str]) -> str:
+    return ui_server[1]
+
+
+def test_mlflow_ui_shows_what_the_docs_say(browser: Any, repo: Path, ui: str) -> None:
     found = _runs(repo)
     assert sorted(found) == sorted(CONFIGS)
     digest = file_md5(repo / "data" / "digits.npz")
@@ -207,12 +222,12 @@ def test_mlflow_ui_shows_what_the_readme_says(browser: Any, repo: Path, ui: str)
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
     try:
-        # The README's link opens the runs table.
-        link_sentence = readme_says("workflowType=machine_learning")
+        # The documented link opens the runs table.
+        link_sentence = docs_say("workflowType=machine_learning")
         match = UI_LINK.search(link_sentence)
-        assert match, f"README's UI link is gone: {link_sentence!r}"
+        assert match, f"docs/tracking.md's UI link is gone: {link_sentence!r}"
         page.goto(ui + match.group(2))
-        table = readme_says("*Runs*, the table")
+        table = docs_say("*Runs*, the table")
         for name, _ in found.values():
             try:
                 page.get_by_text(name, exact=True).first.wait_for()
@@ -244,7 +259,7 @@ def test_mlflow_ui_shows_what_the_readme_says(browser: Any, repo: Path, ui: str)
             )
 
         # The chart view: a chart per metric, a line per run; and the system metrics.
-        charts = readme_says("The chart view")
+        charts = docs_say("The chart view")
         page.locator("label:has(input[name=runs-view-mode][value=CHART])").click()
         for metric in METRICS:
             for name, _ in found.values():
@@ -254,7 +269,7 @@ def test_mlflow_ui_shows_what_the_readme_says(browser: Any, repo: Path, ui: str)
                 except PlaywrightError:
                     screenshot(page, "mlflow_ui_charts")
                     pytest.fail(f"no line {legend!r} in the chart view; " + stale(charts))
-        system = readme_says("*System metrics*")
+        system = docs_say("*System metrics*")
         section = page.get_by_text(re.compile(r"^System metrics")).first
         section.wait_for()
         cores = page.get_by_text("system/process_cpu_cores", exact=True)
@@ -268,7 +283,7 @@ def test_mlflow_ui_shows_what_the_readme_says(browser: Any, repo: Path, ui: str)
         # A run's page, from its name in the table: its datasets and its logged model.
         config = "h25"
         name, run_id = found[config]
-        run_page = readme_says("A run's page")
+        run_page = docs_say("A run's page")
         page.goto(f"{ui}/#/experiments/1/runs/{run_id}")
         try:
             page.get_by_text("Logged models (1)", exact=True).wait_for()
@@ -287,3 +302,58 @@ def test_mlflow_ui_shows_what_the_readme_says(browser: Any, repo: Path, ui: str)
             )
     finally:
         context.close()
+
+
+# --- the UI command: as light as the README says ----------------------------------------
+
+LIGHT = re.compile(r"(\d+) processes holding ([\d,]+) MiB")
+MEMORY_MARGIN = 1.25  # the README's figure is one measurement; this much more is still "it"
+
+
+def _readme_ui_sentence() -> str:
+    """The README's paragraph right after the UI command's block, as one line."""
+    text = README.read_text()
+    after = text[text.index(UI_MARKER) :].split("```", 2)[2]
+    return " ".join(after.strip().split("\n\n", 1)[0].split())
+
+
+def _process_group(leader: int) -> dict[int, int]:
+    """pid -> resident memory (VmRSS, kB) of every process in ``leader``'s process group."""
+    group = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.getpgid(int(entry.name)) != leader:
+                continue
+            status = (entry / "status").read_text()
+        except (ProcessLookupError, FileNotFoundError, PermissionError):
+            continue  # gone meanwhile, or not ours
+        rss = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
+        group[int(entry.name)] = int(rss.group(1)) if rss else 0  # a zombie has no VmRSS
+    return group
+
+
+def test_the_ui_command_is_as_light_as_the_readme_says(
+    ui_server: tuple[subprocess.Popen, str],
+) -> None:
+    """Run after the UI test, so the UI has served every page the docs describe."""
+    assert ui_command(PAGE) == ui_command(README), (
+        "docs/tracking.md's UI command is not the README's"
+    )
+    if not Path("/proc/self/status").exists():
+        pytest.skip("no /proc: the process group's memory is read from Linux's /proc")
+    sentence = _readme_ui_sentence()
+    stated = LIGHT.search(sentence)
+    assert stated, f"the README no longer says what its UI command costs: {sentence!r}"
+    processes, mib = int(stated.group(1)), int(stated.group(2).replace(",", ""))
+    proc, _ = ui_server
+    group = _process_group(proc.pid)
+    rss_mib = sum(group.values()) / 1024
+    assert len(group) == processes, (
+        f"the README's UI command runs {len(group)} processes, not {processes}: {sentence!r}"
+    )
+    assert rss_mib <= mib * MEMORY_MARGIN, (
+        f"the README's UI command holds {rss_mib:.0f} MiB, more than {MEMORY_MARGIN}x the "
+        f"{mib} MiB the README says: {sentence!r}"
+    )

@@ -354,10 +354,20 @@ def test_readmes_way_back_to_the_baseline_restores_it(repo: Path) -> None:
     committed = {f: (repo / f).read_bytes() for f in files}
     dvc(repo, "exp", "run", "-S", "lamb=0.004", env=UNTRACKED)
     assert (repo / "params.yaml").read_bytes() != committed["params.yaml"]  # DVC left it so
-    readme = (ROOT / "README.md").read_text().splitlines()
-    way_back = next(line for line in readme if line.startswith("git checkout -- params.yaml"))
+    # docs/experiments.md's command, as written there (and in the README, the same)
+    written = {
+        page: [
+            line
+            for line in (ROOT / page).read_text().splitlines()
+            if line.startswith("git checkout -- params.yaml")
+        ]
+        for page in ("docs/experiments.md", "README.md")
+    }
+    assert written["docs/experiments.md"], "docs/experiments.md lost the way back"
+    assert len({line for lines in written.values() for line in lines}) == 1, written
+    way_back = written["docs/experiments.md"][0]
     subprocess.run(
-        way_back,  # the README's command, as written there
+        way_back,
         shell=True,
         cwd=repo,
         env=UNTRACKED,
