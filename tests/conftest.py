@@ -1,4 +1,5 @@
-"""The fixtures the test modules share; their helpers live in one module per concern:
+"""The fixtures the test modules share, and how the session runs (its workers' groups, no
+process left behind); their helpers live in one module per concern:
 ``tests.project`` (a copy of the project and the commands run in it), ``tests.params`` (editing
 params.yaml), ``tests.store`` (what MLflow stored), ``tests.servers`` (servers and processes),
 ``tests.badfiles`` (bad inputs) and ``tests.browser`` (Chromium).
@@ -98,21 +99,33 @@ def team_tracking(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         stop_server(proc)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """pytest-xdist's groups (``--dist loadgroup``, pyproject.toml): a module's tests run in one
+    worker, in order, sharing its module fixtures; the tests that read the shared ``pipeline``
+    all run in one worker, so that it is made once."""
+    for item in items:
+        group = "pipeline" if "pipeline" in item.fixturenames else item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Mark this session: every process a test starts inherits the mark (``clean_env``)."""
     os.environ.setdefault(SESSION_MARK, str(os.getpid()))
 
 
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+@pytest.hookimpl(wrapper=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> Iterator[None]:
     """Fail the run if a process a test started outlives it (a queue worker, a server, a
-    trainer), and stop it. (Checked once, by the process that started the session.)"""
+    trainer), and stop it. Checked once, by the process that started the session, after every
+    other end of session (pytest-xdist's workers, which carry the mark too, are gone by then)."""
     from tests.servers import marked_processes
 
+    result = yield
     if hasattr(session.config, "workerinput"):  # a worker of pytest-xdist: its controller checks
-        return
+        return result
     left = marked_processes(SESSION_MARK, os.environ[SESSION_MARK])
     if not left:
-        return
+        return result
     names = []
     for pid in left:
         try:
@@ -122,3 +135,4 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             continue
     print(f"\nprocesses left running by the tests (now killed): {'; '.join(names)}")
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    return result

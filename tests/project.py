@@ -185,6 +185,16 @@ def copy_repo(dest: Path, *, source: str = "digits", **params: Any) -> Path:
     return dest
 
 
+def baseline_copy(dest: Path) -> Path:
+    """``copy_repo`` with the shared run's few iterations, its baseline reproduced untracked
+    and committed (outputs, dvc.lock): a workspace to run experiments in."""
+    root = copy_repo(dest, iters=Pipeline.ITERS, log_every=Pipeline.LOG_EVERY)
+    dvc(root, "repro", env=clean_env())
+    git(root, "add", "--all")
+    git(root, "commit", "--quiet", "--no-verify", "-m", "the baseline, reproduced")
+    return root
+
+
 def project_files(root: Path, changes: Mapping[str, Any] | None = None) -> Path:
     """The project's params.yaml (with ``changes``) and dvc.yaml in ``root``: what a stage
     reads its parameters from, without the rest of the repository."""
