@@ -73,7 +73,7 @@ def test_editing_tooling_re_runs_nothing_and_editing_backprop_stales_what_it_mak
 def test_tracking_changes_no_byte_of_any_output(pipeline: Pipeline, tmp_path: Path):
     """The shared run was tracked (its train stages drew figures for MLflow) on the threads
     `auto` gives; the same pipeline untracked on two threads writes the same bytes: every
-    output's hash in dvc.lock is the same. (test_pipeline.py runs one thread.)"""
+    output's hash in dvc.lock is the same. (test_experiments.py runs one thread.)"""
     root = tmp_path / "repo"
     shutil.copytree(pipeline.root, root, symlinks=True)
     set_params(root, {"threads": 2})
