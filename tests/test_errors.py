@@ -359,44 +359,6 @@ def test_prepare_into_a_file(unchanged: Path, tmp_path: Path):
     )
 
 
-def test_read_only_output_folder(unchanged: Path, tmp_path: Path):
-    """A read-only file system, the way even root meets one (root writes through permission
-    bits, so a chmod-ed folder proves nothing): a tmpfs holding the previous model and history,
-    remounted read-only in a private mount namespace."""
-    unshare = _unshare()
-    if unshare is None:
-        pytest.skip("cannot mount a tmpfs in a private mount namespace here")
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    args = ("h25", "--models", str(ro), "--histories", str(ro))
-    script = f"""
-        mount -t tmpfs -o size=1m tmpfs {ro} || exit 99
-        cp models/h25.npz reports/history/h25.json {ro}/
-        mount -o remount,ro {ro} || exit 98
-        touch {ro}/probe 2>/dev/null && exit 97
-        "$@"; rc=$?
-        sha256sum {ro}/h25.npz {ro}/h25.json >&2
-        ls -A {ro} >&2
-        exit $rc
-    """
-    proc = subprocess.run(
-        [*unshare, "sh", "-c", script, "sh", *stage_cmd("train", *args)],
-        cwd=unchanged,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 1, proc.stderr
-    first, *rest = error_lines(proc.stderr)
-    assert first == f"Error: {ro}/h25.npz: cannot be written (Read-only file system in {ro})"
-    sums = dict(reversed(line.split()) for line in rest[:2])
-    before = snapshot(unchanged)
-    assert sums[f"{ro}/h25.npz"] == before["models/h25.npz"]
-    assert sums[f"{ro}/h25.json"] == before["reports/history/h25.json"]
-    assert rest[2:] == ["h25.json", "h25.npz"], "temporary files were left behind"
-
-
 def _file_size_limit(limit: int):
     def preexec() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
@@ -422,24 +384,45 @@ def _unshare() -> list[str] | None:
     return cmd if probe.returncode == 0 else None
 
 
-def test_full_disk(unchanged: Path, tmp_path: Path):
-    """A real full file system: a tmpfs holding the previous model and history, filled up."""
+# A file system that refuses the new model, the way even root meets one (root writes through
+# permission bits, so a chmod-ed folder proves nothing): a tmpfs in a private mount namespace,
+# holding the previous model and history, then made unwritable: the shell lines that do it, and
+# those that undo what they added before the folder is listed; the error the stage must print.
+SPOILED = {
+    "read-only": (
+        "mount -o remount,ro {out} || exit 98\ntouch {out}/probe 2>/dev/null && exit 97",
+        "",
+        "Error: {out}/h25.npz: cannot be written (Read-only file system in {out})",
+    ),
+    "full": (
+        "dd if=/dev/zero of={out}/filler bs=4k 2>/dev/null",
+        "rm {out}/filler",
+        "Error: {out}/h25.npz: No space left on device",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(SPOILED))
+def test_an_unwritable_output_folder_keeps_the_previous_model_and_history(
+    unchanged: Path, tmp_path: Path, case: str
+):
     unshare = _unshare()
     if unshare is None:
         pytest.skip("cannot mount a tmpfs in a private mount namespace here")
-    full = tmp_path / "full"
-    full.mkdir()
-    args = ("h25", "--models", str(full), "--histories", str(full))
+    out = tmp_path / "out"
+    out.mkdir()
+    spoil, undo, error = (text.format(out=out) for text in SPOILED[case])
     script = f"""
-        mount -t tmpfs -o size=256k tmpfs {full} || exit 99
-        cp models/h25.npz reports/history/h25.json {full}/
-        dd if=/dev/zero of={full}/filler bs=4k 2>/dev/null
+        mount -t tmpfs -o size=256k tmpfs {out} || exit 99
+        cp models/h25.npz reports/history/h25.json {out}/
+        {spoil}
         "$@"; rc=$?
-        rm {full}/filler
-        sha256sum {full}/h25.npz {full}/h25.json >&2
-        ls -A {full} >&2
+        {undo}
+        sha256sum {out}/h25.npz {out}/h25.json >&2
+        ls -A {out} >&2
         exit $rc
     """
+    args = ("h25", "--models", str(out), "--histories", str(out))
     proc = subprocess.run(
         [*unshare, "sh", "-c", script, "sh", *stage_cmd("train", *args)],
         cwd=unchanged,
@@ -450,11 +433,11 @@ def test_full_disk(unchanged: Path, tmp_path: Path):
     )
     assert proc.returncode == 1, proc.stderr
     first, *rest = error_lines(proc.stderr)
-    assert first == f"Error: {full}/h25.npz: No space left on device", proc.stderr
+    assert first == error, proc.stderr
     sums = dict(reversed(line.split()) for line in rest[:2])
     before = snapshot(unchanged)
-    assert sums[f"{full}/h25.npz"] == before["models/h25.npz"]
-    assert sums[f"{full}/h25.json"] == before["reports/history/h25.json"]
+    assert sums[f"{out}/h25.npz"] == before["models/h25.npz"]
+    assert sums[f"{out}/h25.json"] == before["reports/history/h25.json"]
     assert rest[2:] == ["h25.json", "h25.npz"], "temporary files were left behind"
 
 

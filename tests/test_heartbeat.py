@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.params import changed_params
-from tests.project import BIN, clean_env, stage_cmd, tracked_env
+from tests.project import BIN, clean_env, run_stage, sh, stage_cmd, tracked_env
 from tests.servers import Api, missing
 from tests.store import Run, by_config, runs, server_runs
 
@@ -104,14 +104,7 @@ def test_a_dead_machines_run_is_failed_after_the_timeout_and_a_slow_live_one_is_
         killed_at = time.time()
 
         here = clean_env(**member, **beat)  # this host, vm or whatever it is called
-        early = subprocess.run(
-            [str(BIN / "nnbp-close-orphans")],
-            cwd=workspace,
-            env=here,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        early = sh(workspace, here, "nnbp-close-orphans", ok=False, timeout=120)
         if time.time() - killed_at < STALE - BEAT:  # the check ran before the timeout
             assert early.returncode == 0, early.stderr
             assert early.stdout.strip().endswith("no orphaned run"), early.stdout
@@ -119,14 +112,8 @@ def test_a_dead_machines_run_is_failed_after_the_timeout_and_a_slow_live_one_is_
 
         time.sleep(max(0.0, killed_at + STALE + 1 - time.time()))
         out = str(tmp_path / "next")
-        next_run = subprocess.run(
-            stage_cmd("train", "h25", "--models", out, "--histories", out),
-            cwd=workspace,
-            env=here,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        paths = ("--models", out, "--histories", out)
+        next_run = run_stage("train", "h25", *paths, cwd=workspace, env=here, timeout=300)
         assert next_run.returncode == 0, next_run.stderr
         note = (
             f"note: closed MLflow run 'long' ({dead_id[:8]}) as FAILED: no heartbeat from "
@@ -148,14 +135,7 @@ def test_a_dead_machines_run_is_failed_after_the_timeout_and_a_slow_live_one_is_
             for m in api.get("metrics/get-history", run_id=slow_id, metric_key="loss")["metrics"]
         )
         assert time.time() * 1000 - last_metric > STALE * 1000
-        again = subprocess.run(
-            [str(BIN / "nnbp-close-orphans")],
-            cwd=workspace,
-            env=here,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        again = sh(workspace, here, "nnbp-close-orphans", ok=False, timeout=120)
         assert again.returncode == 0, again.stderr
         assert again.stdout.strip().endswith("no orphaned run"), again.stdout
         assert _runs(api)["slow"].status == "RUNNING"
@@ -181,14 +161,9 @@ def test_heartbeats_change_no_bit_of_the_model(workspace: Path, tmp_path: Path):
         out = tmp_path / ("tracked" if tracked else "untracked")
         env = tracked_env(f"sqlite:///{db}") if tracked else clean_env()
         with changed_params(workspace, mid):
-            result = subprocess.run(
-                stage_cmd("train", "mid", "--models", str(out), "--histories", str(out)),
-                cwd=workspace,
-                env={**env, "NNBP_HEARTBEAT_SECONDS": "0.01"},
-                capture_output=True,
-                text=True,
-                timeout=300,
-            )
+            beating = {**env, "NNBP_HEARTBEAT_SECONDS": "0.01"}
+            paths = ("--models", str(out), "--histories", str(out))
+            result = run_stage("train", "mid", *paths, cwd=workspace, env=beating, timeout=300)
         assert result.returncode == 0, result.stderr
         outs[tracked] = (out / "mid.npz").read_bytes()
     assert outs[True] == outs[False]

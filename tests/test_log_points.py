@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from pathlib import Path
 
 from nnbp.dvcfiles import read_yaml
 from tests.params import changed_params
-from tests.project import ROOT, run_stage, stage_cmd, tracked_env
+from tests.project import ROOT, run_stage, tracked_env
 
 
 def _train(workspace: Path, out: Path, **params: int) -> tuple[bytes, list[dict]]:
@@ -46,14 +45,8 @@ def test_a_tracked_run_logs_its_cores_and_memory_as_system_metrics(workspace: Pa
     out = tmp_path / "out"
     env = tracked_env(f"sqlite:///{db}", MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="0.2")
     with changed_params(workspace, {"iters": 1500, "log_every": 500}):  # about 2 s of training
-        proc = subprocess.run(
-            stage_cmd("train", "h25", "--models", str(out), "--histories", str(out)),
-            cwd=workspace,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        paths = ("--models", str(out), "--histories", str(out))
+        proc = run_stage("train", "h25", *paths, cwd=workspace, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == "", proc.stderr  # sampling says nothing
     client = MlflowClient(f"sqlite:///{db}")
