@@ -71,7 +71,8 @@ def _problem():
     import numpy as np
 
     from nnbp import datasets
-    from nnbp.backprop import init_weights, one_hot, zscore
+    from nnbp.backprop import init_weights
+    from nnbp.labdata import one_hot, zscore
 
     d = datasets.load("mnist", N, 0)
     X = zscore(d["X_train"])
