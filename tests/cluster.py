@@ -136,10 +136,12 @@ class Cluster:
         return folder
 
     def wait_for_workers(self, n: int, timeout: float = 60) -> None:
+        """Once the scheduler answers and ``n`` workers (0: none) have joined it."""
         from distributed import Client
 
         with Client(self.address, timeout=timeout) as client:
-            client.wait_for_workers(n, timeout=timeout)
+            if n:
+                client.wait_for_workers(n, timeout=timeout)
 
     def worker_process(self, machine: str) -> psutil.Process:
         """The `dask worker` process of ``machine`` (the child of its `unshare`)."""

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -83,12 +85,12 @@ def team(tmp_path_factory, team_tracking) -> Iterator[Team]:
     s3_proc, s3 = start_s3_server(root)
     cluster = Cluster(root)
     try:
-        origin, _ = team_repository(root, s3)
-        sh(root, clean_env(), "git", "clone", "--quiet", str(origin), "submitter")
-        cluster.start_scheduler()
+        cluster.start_scheduler()  # the machines start while the lead sets the team up
         worker_env = clean_env(**member, **s3.env())
         for machine in ("machine-a", "machine-b"):
             cluster.start_worker(machine, worker_env)
+        origin, _ = team_repository(root, s3)
+        sh(root, clean_env(), "git", "clone", "--quiet", str(origin), "submitter")
         cluster.wait_for_workers(2)
         api = Api(
             server.url, member["MLFLOW_TRACKING_USERNAME"], member["MLFLOW_TRACKING_PASSWORD"]
@@ -294,3 +296,42 @@ def test_the_grid_is_dvcs_product_of_the_settings():
         {"params.yaml": ["lamb=0.001", "seed=2"]},
     ]
     assert expand(["lamb=0.1"]) == [{"params.yaml": ["lamb=0.1"]}]
+
+
+@pytest.mark.slow
+def test_ctrl_c_cancels_the_experiments_not_started(team: Team, tmp_path: Path):
+    from distributed import Client
+
+    idle = Cluster(tmp_path)  # a scheduler that no worker has joined: nothing starts
+    idle.start_scheduler()
+    lines: list[str] = []
+    try:
+        idle.wait_for_workers(0)
+        cmd = [str(BIN / "nnbp-sweep"), "--scheduler", idle.address, "-S", "seed=7,8,9"]
+        proc = subprocess.Popen(
+            cmd,
+            cwd=team.submitter,
+            env=clean_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+        reader.start()
+        wait_until("submitted", lambda: any("no worker is connected" in x for x in lines), 60)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+        reader.join(timeout=10)
+        assert proc.stderr.read() == "interrupted (Ctrl-C): stopped; no output is half-written\n"
+        assert lines[-1] == (
+            "interrupted: 3 experiments not started cancelled (the same command again runs what "
+            "did not land)\n"
+        )
+        with Client(idle.address, timeout=30) as client:
+
+            def forgotten() -> bool:
+                return client.run_on_scheduler(lambda dask_scheduler: not dask_scheduler.tasks)
+
+            wait_until("the scheduler forgot them", forgotten, timeout=30)
+    finally:
+        idle.stop()

@@ -345,8 +345,11 @@ def _why(error: BaseException) -> str:
     return f"{type(error).__name__}: {first_line(error)}"
 
 
-def follow(client: Any, futures: Mapping[Any, str], progress: Progress, topic: str) -> None:
-    """Wait for every task, telling the progress; on Ctrl-C, cancel those not started."""
+def follow(
+    client: Any, futures: Mapping[Any, str], progress: Progress, topic: str, local: bool
+) -> None:
+    """Wait for every task, telling the progress; on Ctrl-C, cancel those not started (those
+    running go on, unless their workers are this command's ``local`` cluster)."""
     from distributed import wait
 
     events: queue.SimpleQueue[Mapping[str, str]] = queue.SimpleQueue()
@@ -375,13 +378,14 @@ def follow(client: Any, futures: Mapping[Any, str], progress: Progress, topic: s
         rows = progress.rows
         waiting = [f for f in pending if rows[futures[f]].status == "waiting"]
         client.cancel(waiting)
-        running = sorted({rows[futures[f]].machine for f in pending} - {""})
-        progress.echo(
-            f"interrupted: {len(waiting)} experiments not started were cancelled; "
-            f"{len(pending) - len(waiting)} running on {', '.join(running) or 'no worker'} "
-            "go on there and land unless their workers stop (submit the grid again to collect "
-            "them)"
-        )
+        running = len(pending) - len(waiting)
+        machines = ", ".join(sorted({rows[futures[f]].machine for f in pending} - {""}))
+        said = f"interrupted: {_count(len(waiting), 'experiment')} not started cancelled"
+        if running and local:
+            said += f"; {running} running stopped with this machine's cluster"
+        elif running:
+            said += f"; {running} running on {machines} go on there and land"
+        progress.echo(f"{said} (the same command again runs what did not land)")
         raise
 
 
@@ -544,5 +548,5 @@ def _submit(
             client.submit(run_task, exp, key=f"{topic}-{exp.name}", pure=False): exp.name
             for exp in experiments
         }
-        follow(client, futures, Progress(rows, echo), topic)
+        follow(client, futures, Progress(rows, echo), topic, local=scheduler is None)
     sys.stdout.flush()
