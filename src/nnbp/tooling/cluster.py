@@ -220,7 +220,12 @@ def find_target(git_remote: str, on_cluster: bool, root: Path, commit: str) -> T
             "nothing was submitted"
         ) from None
     on_remote = git.run(
-        "for-each-ref", "--contains", commit, "--format=%(refname)", f"refs/remotes/{git_remote}/"
+        "for-each-ref",
+        "--contains",
+        commit,
+        "--format=%(refname)",
+        f"refs/remotes/{git_remote}/",
+        cwd=root,
     )
     if not on_remote.strip():
         raise RemoteError(
@@ -304,7 +309,7 @@ class Progress:
         row = self.rows.get(name)
         if row is None or row.status not in ("waiting", "running"):
             return
-        again = row.status == "running" and row.machine != machine
+        again = row.status == "running"  # a second start: the first attempt's worker died
         row.status, previous, row.machine = "running", row.machine, machine
         note = f" (again: its worker on {previous} was lost)" if again else ""
         self.say(name, f"started on {machine}{note}: {' '.join(row.settings)}")
@@ -518,14 +523,14 @@ def _submit(
     """One task per experiment of ``todo``, followed to its end."""
     topic = f"nnbp-sweep-{uuid.uuid4().hex[:12]}"
     local: dict[str, Any] = {}
-    if target.remote is None:  # this repository's cache and store, which a clone's are not
-        from dvc.repo import Repo
+    if scheduler is None:  # this machine: this repository's DVC cache and MLflow store, which
+        from dvc.repo import Repo  # a clone's would not be (its own, in the clone)
 
         with Repo(str(target.root)) as repo:
             local["cache"] = repo.cache.local_cache_dir  # `dvc cache dir`
         uri = tracking_uri()
         local["env"] = (("MLFLOW_TRACKING_URI", uri),) if uri else ()
-    if scheduler is None:  # the local cluster's slots, unless its worker is told otherwise
+        # the local cluster's slots, beside DVC's own temporary copies, unless told otherwise
         os.environ.setdefault("NNBP_CLUSTER_DIR", str(target.root / LOCAL_CLUSTER_DIR))
     experiments = [
         Experiment(

@@ -6,7 +6,7 @@ A slot's clone is made once and reused. Slots are numbered folders, each held by
 (``flock``) for as long as a task uses it, so two tasks never share a clone and DVC's lock never
 meets itself; a worker that dies releases its locks with its process. The worker's folder is
 ``NNBP_CLUSTER_DIR`` (default ``~/.cache/nnbp/cluster``): a folder per git remote, its slots, and
-one DVC cache that all of them share.
+one DVC cache that all of them share (DVC's cache is content-addressed: clones may share one).
 
 An experiment is its baseline commit and its params (``name``, made by the submitter, is a digest
 of them): one already on the remote is never run or pushed again, which is what makes a task
@@ -15,9 +15,11 @@ command runs under ``guard``: it dies with this worker. A failure is ``Experimen
 line, the command's own words (the stage's ``Error: ...`` line when a stage failed); every
 command's output is kept in the slot's ``logs/NAME.log``.
 
-Without a team (no git remote: ``shared`` False) the clone is of the submitter's repository, its
-DVC cache that repository's, and the experiment's ref is pushed back into it, as ``dvc exp run
---queue`` leaves experiments in the repository that queued them.
+A cluster on the submitter's machine (Dask's ``LocalCluster``) uses the submitter's DVC cache
+and MLflow store (``cache``, ``env``). Without a team (no git remote: ``shared`` False) its
+clones are of the submitter's repository, whose cache has the outputs (nothing is pulled), and
+the experiment's ref is pushed back into it, as ``dvc exp run --queue`` leaves experiments in
+the repository that queued them.
 """
 
 from __future__ import annotations
@@ -72,8 +74,8 @@ class Experiment:
     source: str  # the git URL a slot clones: the team's remote, or the submitter's repository
     shared: bool  # through the team's remotes (dvc pull, nnbp-share); else the submitter's repo
     dvc_remote: str | None = None  # -r for dvc pull and nnbp-share (None: the default one)
-    cache: str | None = None  # not shared: the submitter's DVC cache, used by every slot
-    env: tuple[tuple[str, str], ...] = ()  # not shared: where the runs go (the submitter's store)
+    cache: str | None = None  # a local cluster's: the submitter's DVC cache, for every slot
+    env: tuple[tuple[str, str], ...] = ()  # a local cluster's: the submitter's MLflow store
     topic: str = ""  # the sweep's Dask event topic, for its progress
 
     @property
