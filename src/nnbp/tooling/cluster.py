@@ -123,8 +123,22 @@ def name_of(commit: str, point: Mapping[str, list[str]], root: Path) -> str:
                     f"({first_line(cause)}); `+KEY=VALUE` adds a key"
                 ) from None
             params[path] = LOADERS[copy.suffix.lower()](str(copy))
-    identity = json.dumps({"baseline": commit, "params": params}, sort_keys=True, default=str)
+    identity = json.dumps(
+        {"baseline": commit, "params": _as_python_compares(params)}, sort_keys=True, default=str
+    )
     return f"{NAME_PREFIX}-{hashlib.sha256(identity.encode()).hexdigest()[:10]}"
+
+
+def _as_python_compares(value: Any) -> Any:
+    """``value`` with its numbers as floats: ``lamb=0`` and the file's ``lamb: 0.0`` are equal
+    to Python, and to DVC, which compares params so (and so re-runs nothing for them)."""
+    if isinstance(value, Mapping):
+        return {k: _as_python_compares(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_as_python_compares(v) for v in value]
+    if isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
 
 
 # --- what to sort by ---------------------------------------------------------------------------
