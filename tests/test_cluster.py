@@ -135,6 +135,7 @@ def swept(team: Team) -> Swept:
             proc.kill()
             proc.communicate()
     result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    (team.root / "nnbp-sweep.out").write_text(out + err)  # for a failure's reader
     rows = re.findall(r"^(sweep-[0-9a-f]{10})  +(seed=-?\d+)", out, flags=re.M)
     return Swept(result, training[0]["tags"]["dvc_experiment"], gone_at, dict(rows))
 
