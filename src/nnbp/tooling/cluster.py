@@ -295,6 +295,7 @@ class Row:
     name: str
     settings: tuple[str, ...]
     status: str = "waiting"  # waiting, running, landed, earlier, found, failed, cancelled
+    active: bool = False  # its task runs now (between its "started" and "ended" events)
     machine: str = ""
     error: str = ""
     metrics: Metrics | None = None
@@ -308,12 +309,13 @@ class Progress:
         self.rows, self.echo = rows, echo
 
     def counts(self) -> str:
-        count = {s: 0 for s in ("done", "running", "failed", "waiting")}
-        for row in self.rows.values():
-            if row.status in ("landed", "found"):
-                count["done"] += 1
-            elif row.status in count:
-                count[row.status] += 1
+        rows = self.rows.values()
+        count = {
+            "done": sum(r.status in ("landed", "found") for r in rows),
+            "running": sum(r.active for r in rows),
+            "failed": sum(r.status == "failed" for r in rows),
+            "waiting": sum(r.status == "waiting" for r in rows),
+        }
         return ", ".join(f"{n} {s}" for s, n in count.items())
 
     def say(self, name: str, what: str) -> None:
@@ -324,13 +326,14 @@ class Progress:
         if row is None or row.status not in ("waiting", "running"):
             return
         again = row.status == "running"  # a second start: the first attempt's worker died
-        row.status, previous, row.machine = "running", row.machine, machine
+        row.status, previous, row.machine, row.active = "running", row.machine, machine, True
         note = f" (again: its worker on {previous} was lost)" if again else ""
         self.say(name, f"started on {machine}{note}: {' '.join(row.settings)}")
 
     def finished(self, outcome: Outcome) -> None:
         row = self.rows[outcome.name]
         row.machine, row.seconds, row.metrics = outcome.machine, outcome.seconds, outcome.metrics
+        row.active = False
         if outcome.found:
             row.status = "found"
             self.say(row.name, f"was already on the remote when it started on {row.machine}")
@@ -341,7 +344,7 @@ class Progress:
 
     def failed(self, name: str, error: BaseException) -> None:
         row = self.rows[name]
-        row.status, row.error = "failed", _why(error)
+        row.status, row.error, row.active = "failed", _why(error), False
         if isinstance(error, ExperimentFailed):
             row.machine = error.machine
             where = f" on {error.machine} (its log there: {error.log})"
@@ -382,7 +385,10 @@ def follow(
                 done = set()
             while not events.empty():
                 event = events.get()
-                progress.started(event["name"], event["machine"])
+                if event["event"] == "started":
+                    progress.started(event["name"], event["machine"])
+                elif event["name"] in progress.rows:  # ended
+                    progress.rows[event["name"]].active = False
             for future in done:
                 pending.discard(future)
                 name = futures[future]

@@ -267,6 +267,13 @@ def run(exp: Experiment) -> Outcome:
     """Run, share and score one experiment on this worker (the sweep's Dask task)."""
     where = machine()
     _event(exp, "started", where)
+    try:
+        return _run(exp, where)
+    finally:  # through the same channel as "started", so that the submitter's counts add up
+        _event(exp, "ended", where)
+
+
+def _run(exp: Experiment, where: str) -> Outcome:
     seconds: dict[str, float] = {}
     with _slot(_slots_of(exp.source)) as slot:
         clone = _Clone(slot, exp, where)
