@@ -213,11 +213,13 @@ class _Clone:
 
     def prepare(self) -> None:
         """The clone at the experiment's commit, clean: made on the slot's first task."""
-        exp = self.exp
+        exp, slot = self.exp, self.path.parent
         if not self.path.is_dir():
             partial = self.path.with_name("repo.partial")  # a clone cut short is made again
             shutil.rmtree(partial, ignore_errors=True)
-            self.sh("git", "clone", "--quiet", exp.source, str(partial), cwd=partial.parent)
+            self.sh("git", "clone", "--quiet", "--no-checkout", exp.source, str(partial), cwd=slot)
+            # the commit, not the remote's HEAD (which may name no branch): .dvc/ to configure
+            self.sh("git", "checkout", "--quiet", "--detach", exp.commit, cwd=partial)
             cache = exp.cache or str(_slots_of(exp.source).parent / "dvc-cache")
             self.sh("dvc", "config", "--local", "cache.dir", cache, cwd=partial)
             partial.rename(self.path)
