@@ -259,7 +259,11 @@ def dask_client(scheduler: str | None, jobs: int) -> Iterator[Any]:
     (``distributed.comm.timeouts.connect``) bounds the wait for a scheduler."""
     from distributed import Client, LocalCluster
 
-    logging.getLogger("distributed").setLevel(logging.ERROR)  # its lines would wrap ours
+    # Its log lines (a lost scheduler's are tracebacks) would wrap ours, which say it in one;
+    # Dask's configuration gives some of its loggers levels of their own.
+    for name in [*logging.root.manager.loggerDict, "distributed"]:
+        if name.partition(".")[0] == "distributed":
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     if scheduler is None:
         with (
             LocalCluster(
@@ -294,7 +298,7 @@ class Row:
 
     name: str
     settings: tuple[str, ...]
-    status: str = "waiting"  # waiting, running, landed, earlier, found, failed, cancelled
+    status: str = "waiting"  # waiting, running, landed, earlier, found, failed, lost
     active: bool = False  # its task runs now (between its "started" and "ended" events)
     machine: str = ""
     error: str = ""
@@ -372,7 +376,7 @@ def follow(
 ) -> None:
     """Wait for every task, telling the progress; on Ctrl-C, cancel those not started (those
     running go on, unless their workers are this command's ``local`` cluster)."""
-    from distributed import wait
+    from distributed import CancelledError, wait
 
     events: queue.SimpleQueue[Mapping[str, str]] = queue.SimpleQueue()
     client.subscribe_topic(topic, lambda event: events.put(event[1]))
@@ -383,6 +387,16 @@ def follow(
                 done = wait(pending, timeout=TICK, return_when="FIRST_COMPLETED").done
             except TimeoutError:
                 done = set()
+            except CancelledError:  # every future at once: the scheduler is gone
+                for future in pending:
+                    row = progress.rows[futures[future]]
+                    row.status, row.active = "lost", False
+                    row.error = "the Dask scheduler was lost before it ended"
+                progress.echo(
+                    f"lost the Dask scheduler: {len(pending)} experiments not done (those "
+                    "running may still land; the same command again runs what did not)"
+                )
+                return
             while not events.empty():
                 event = events.get()
                 if event["event"] == "started":
@@ -397,8 +411,8 @@ def follow(
                 elif future.status == "error":
                     progress.failed(name, future.exception())
                 else:  # cancelled: the scheduler forgot it (restarted, or lost)
-                    progress.rows[name].status = "cancelled"
-                    progress.say(name, "was lost by the scheduler (it restarted?)")
+                    progress.rows[name].status = "lost"
+                    progress.say(name, "was forgotten by the scheduler (did it restart?)")
     except KeyboardInterrupt:
         rows = progress.rows
         waiting = [f for f in pending if rows[futures[f]].status == "waiting"]
