@@ -484,6 +484,7 @@ def sweep(
     git_remote: str,
     dvc_remote: str | None,
     sort_by: str,
+    timeout: float,
     echo: Callable[[str], None],
 ) -> None:
     """Run the grid of ``settings`` on the cluster and print its table (``nnbp-sweep``);
@@ -522,7 +523,7 @@ def sweep(
         f"already in {target.label}, {len(todo)} to run on {where}"
     )
     if todo:
-        _submit(todo, rows, target, commit, scheduler, jobs, dvc_remote, echo)
+        _submit(todo, rows, target, commit, scheduler, jobs, dvc_remote, timeout, echo)
 
     landed = [r for r in rows.values() if r.status in ("landed", "earlier", "found")]
     target.fetch([prefix + r.name for r in landed])
@@ -552,6 +553,7 @@ def _submit(
     scheduler: str | None,
     jobs: int,
     dvc_remote: str | None,
+    timeout: float,
     echo: Callable[[str], None],
 ) -> None:
     """One task per experiment of ``todo``, followed to its end."""
@@ -575,6 +577,7 @@ def _submit(
             shared=target.remote is not None,
             dvc_remote=dvc_remote,
             topic=topic,
+            timeout=timeout,
             **local,
         )
         for row in todo

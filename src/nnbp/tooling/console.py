@@ -21,6 +21,7 @@ from ..dvcfiles import read_yaml
 from . import cluster, team
 from .cli import Tool
 from .gate import metrics_at_ref, run_gate
+from .task import EXPERIMENT_TIMEOUT
 from .tracking.orphans import close_orphan_runs, orphan_note
 from .tracking.store import OPT_OUT
 
@@ -210,6 +211,14 @@ def apply(git_remote: str, experiment: str) -> None:
     metavar="[CONFIG.]METRIC",
     help="The table's order: METRIC's mean over the configurations, or CONFIG.METRIC.",
 )
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=EXPERIMENT_TIMEOUT,
+    show_default=True,
+    metavar="SECONDS",
+    help="An experiment still running after this is stopped (its run KILLED) and fails.",
+)
 def sweep(
     settings: tuple[str, ...],
     scheduler: str | None,
@@ -217,6 +226,7 @@ def sweep(
     git_remote: str,
     remote: str | None,
     sort_by: str,
+    timeout: float,
 ) -> None:
     """Run a grid of DVC experiments on a Dask cluster: one task per experiment, each run in a
     clone of the git remote at this commit and shared there (dvc exp push), its runs in the
@@ -230,5 +240,6 @@ def sweep(
         git_remote=git_remote,
         dvc_remote=remote,
         sort_by=sort_by,
+        timeout=timeout,
         echo=click.echo,
     )

@@ -49,6 +49,8 @@ CLUSTER_DIR_ENV = "NNBP_CLUSTER_DIR"
 METRICS_FILE = "reports/metrics.json"  # dvc.yaml's metrics: in git, so in the experiment's commit
 GIT_TIMEOUT = 600.0  # seconds: a clone or fetch of the team's repository
 TRANSFER_TIMEOUT = 3600.0  # dvc pull and push: the outputs of one experiment
+EXPERIMENT_TIMEOUT = 6 * 3600.0  # dvc exp run, unless the submitter says (nnbp-sweep --timeout)
+STOP_GRACE = 30.0  # seconds a command stopped for its time gets to end its run, before SIGKILL
 
 
 class ExperimentFailed(UserError):
@@ -77,6 +79,7 @@ class Experiment:
     cache: str | None = None  # a local cluster's: the submitter's DVC cache, for every slot
     env: tuple[tuple[str, str], ...] = ()  # a local cluster's: the submitter's MLflow store
     topic: str = ""  # the sweep's Dask event topic, for its progress
+    timeout: float = EXPERIMENT_TIMEOUT  # seconds `dvc exp run` may take, then it is stopped
 
     @property
     def ref(self) -> str:
@@ -145,6 +148,17 @@ def _event(exp: Experiment, what: str, where: str) -> None:
         get_worker().log_event(exp.topic, {"event": what, "name": exp.name, "machine": where})
 
 
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop a command's whole process group: SIGTERM, which DVC and a stage take as Ctrl-C (the
+    MLflow run KILLED, nothing half-written), then SIGKILL after ``STOP_GRACE`` seconds."""
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signum)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.communicate(timeout=STOP_GRACE)
+            return
+
+
 def _label(cmd: tuple[str, ...]) -> str:
     """A command as an error names it: its words before the first option (``dvc exp run``)."""
     words = list(itertools.takewhile(lambda a: not a.startswith("-"), cmd[:3]))
@@ -192,9 +206,7 @@ class _Clone:
         try:
             output, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
+            _stop(proc)
             self.fail(f"{_label(cmd)}: still running after {timeout:g} s, stopped")
         with open(self.log, "a") as log:
             log.write(output)
@@ -248,7 +260,8 @@ class _Clone:
         """``dvc exp run`` with the commit's own code: the stages import the clone's nnbp."""
         settings = [arg for s in self.exp.settings for arg in ("-S", s)]
         env = {**self.env, "PYTHONPATH": str(self.path / "src")}
-        self.sh("dvc", "exp", "run", "--name", self.exp.name, *settings, timeout=None, env=env)
+        name, timeout = self.exp.name, self.exp.timeout
+        self.sh("dvc", "exp", "run", "--name", name, *settings, timeout=timeout, env=env)
 
     def share(self) -> None:
         """The experiment to the remote: ``nnbp-share`` (the DVC remote checked first, then
