@@ -46,6 +46,7 @@ class Team:
     api: Api
     worker_env: dict[str, str]
     root: Path
+    lead: Path  # the lead's clone, with the baseline's outputs in its DVC cache
 
     def sweep(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         cmd = [str(BIN / "nnbp-sweep"), "--scheduler", self.cluster.address, *args]
@@ -89,13 +90,13 @@ def team(tmp_path_factory, team_tracking) -> Iterator[Team]:
         worker_env = clean_env(**member, **s3.env())
         for machine in ("machine-a", "machine-b"):
             cluster.start_worker(machine, worker_env)
-        origin, _ = team_repository(root, s3)
+        origin, lead = team_repository(root, s3)
         sh(root, clean_env(), "git", "clone", "--quiet", str(origin), "submitter")
         cluster.wait_for_workers(2)
         api = Api(
             server.url, member["MLFLOW_TRACKING_USERNAME"], member["MLFLOW_TRACKING_PASSWORD"]
         )
-        yield Team(origin, root / "submitter", cluster, api, worker_env, root)
+        yield Team(origin, root / "submitter", cluster, api, worker_env, root, lead)
     finally:
         cluster.stop()
         stop_server(s3_proc)
@@ -205,13 +206,9 @@ def test_mlflow_holds_one_finished_run_per_experiment_and_the_dead_one_failed(
     assert int(dead["info"]["end_time"]) <= swept.gone_at * 1000
 
 
-@pytest.mark.slow
-def test_a_reviewer_lists_every_experiment_with_its_metrics(team: Team, swept: Swept):
-    env = clean_env()
-    sh(team.root, env, "git", "clone", "--quiet", str(team.origin), "reviewer")
-    reviewer = team.root / "reviewer"
-    sh(reviewer, env, "dvc", "exp", "pull", "--no-cache", "origin")
-    shown = json.loads(sh(reviewer, env, "dvc", "exp", "show", "--json").stdout)
+def _exp_show(repo: Path) -> dict[str, tuple[int, dict]]:
+    """name -> (seed, metrics) of each experiment `dvc exp show` lists in ``repo``."""
+    shown = json.loads(sh(repo, clean_env(), "dvc", "exp", "show", "--json").stdout)
     listed = {}
     for baseline in shown:
         for exp in baseline.get("experiments") or []:
@@ -221,6 +218,16 @@ def test_a_reviewer_lists_every_experiment_with_its_metrics(team: Team, swept: S
                 data["params"]["params.yaml"]["data"]["seed"],
                 data["metrics"]["reports/metrics.json"]["data"],
             )
+    return listed
+
+
+@pytest.mark.slow
+def test_a_reviewer_lists_every_experiment_with_its_metrics(team: Team, swept: Swept):
+    env = clean_env()
+    sh(team.root, env, "git", "clone", "--quiet", str(team.origin), "reviewer")
+    reviewer = team.root / "reviewer"
+    sh(reviewer, env, "dvc", "exp", "pull", "--no-cache", "origin")
+    listed = _exp_show(reviewer)
     assert {n: f"seed={s}" for n, (s, _) in listed.items()} == {
         n: s for n, s in swept.names.items() if s != f"seed={BAD}"
     }
@@ -336,3 +343,26 @@ def test_ctrl_c_cancels_the_experiments_not_started(team: Team, tmp_path: Path):
             wait_until("the scheduler forgot them", forgotten, timeout=30)
     finally:
         idle.stop()
+
+
+@pytest.mark.slow
+def test_without_a_git_remote_the_grid_lands_in_this_repository(team: Team):
+    """A laptop: no --scheduler and no git remote, so a Dask cluster of this machine whose tasks
+    clone this repository, take the outputs from its DVC cache and push the experiment back."""
+    env = clean_env()
+    sh(team.lead, env, "git", "remote", "remove", "origin")
+    try:
+        result = sh(team.lead, env, "nnbp-sweep", "-S", "seed=8", ok=False, timeout=170)
+    finally:
+        sh(team.lead, env, "git", "remote", "add", "origin", str(team.origin))
+    out = result.stdout
+    assert result.returncode == 0, (out, result.stderr)
+    assert out.splitlines()[0].endswith(
+        ": 0 already in this repository, 1 to run on a Dask cluster on this machine (1 task slot)"
+    )
+    (name,) = re.findall(r"^(sweep-[0-9a-f]{10})  +seed=8  +[\d.]+  +[\d.]+$", out, re.M)
+    assert "\n1 of 1 experiments are in this repository; here: dvc exp show\n" in out
+    seed, metrics = _exp_show(team.lead)[name]
+    assert seed == 8 and 0 < metrics["h25"]["test_acc"] <= 100
+    assert (team.lead / ".dvc" / "tmp" / "cluster").is_dir()  # its slots, beside DVC's own
+    assert name not in team.exp_refs()  # nothing went to the team
