@@ -13,6 +13,7 @@ import os
 import re
 import secrets
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,7 +21,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -398,3 +399,24 @@ def marked_processes(mark: str, value: str) -> list[int]:
         except OSError:
             continue
     return found
+
+
+def wait_until(what: str, condition: Callable[[], object], timeout: float = 120) -> object:
+    """``condition()``'s first true value, polled; the test fails after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(0.2)
+    return value
+
+
+def on_host(host: str, cmd: list[str]) -> list[str]:
+    """``cmd`` on a host named ``host``: a UTS namespace of its own."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        missing("unshare (util-linux) is needed to run a process under another host name")
+    probe = subprocess.run([unshare, "--uts", "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        missing(f"unshare --uts is not permitted here: {probe.stderr.strip()}")
+    script = f'hostname {host} && exec "$@"'
+    return [unshare, "--uts", "--fork", "sh", "-c", script, "sh", *cmd]

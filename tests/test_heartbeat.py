@@ -10,7 +10,6 @@ the host name machine-b: the pid check cannot see it from here, only its heartbe
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -21,7 +20,7 @@ import pytest
 
 from tests.params import changed_params
 from tests.project import BIN, clean_env, run_stage, sh, stage_cmd, tracked_env
-from tests.servers import Api, missing
+from tests.servers import Api, on_host, wait_until
 from tests.store import Run, by_config, runs, server_runs
 
 BEAT, STALE = 1, 10  # seconds: NNBP_HEARTBEAT_SECONDS and NNBP_HEARTBEAT_TIMEOUT in this test
@@ -45,24 +44,6 @@ def _runs(api: Api) -> dict[str, Run]:
     return by_config(server_runs(api))
 
 
-def _on_machine_b(cmd: list[str]) -> list[str]:
-    """``cmd`` on a host named machine-b: a UTS namespace of its own."""
-    unshare = shutil.which("unshare")
-    if unshare is None:
-        missing("unshare (util-linux) is needed to run a process under another host name")
-    probe = subprocess.run([unshare, "--uts", "true"], capture_output=True, text=True)
-    if probe.returncode != 0:
-        missing(f"unshare --uts is not permitted here: {probe.stderr.strip()}")
-    return [unshare, "--uts", "--fork", "sh", "-c", 'hostname machine-b && exec "$@"', "sh", *cmd]
-
-
-def _wait(what: str, condition, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
-        time.sleep(0.3)
-
-
 @pytest.mark.slow
 def test_a_dead_machines_run_is_failed_after_the_timeout_and_a_slow_live_one_is_not(
     workspace: Path, tmp_path: Path, team_tracking
@@ -78,7 +59,7 @@ def test_a_dead_machines_run_is_failed_after_the_timeout_and_a_slow_live_one_is_
             cmd = stage_cmd("train", name, "--models", out, "--histories", out)
             started.append(
                 subprocess.Popen(
-                    _on_machine_b(cmd),
+                    on_host("machine-b", cmd),
                     cwd=workspace,
                     env=machine_b,
                     stdout=subprocess.PIPE,
@@ -88,13 +69,13 @@ def test_a_dead_machines_run_is_failed_after_the_timeout_and_a_slow_live_one_is_
                 )
             )
         dead, slow = started
-        _wait("both runs started", lambda: {"long", "slow"} <= set(_runs(api)))
+        wait_until("both runs started", lambda: {"long", "slow"} <= set(_runs(api)))
         runs = _runs(api)
         dead_id, slow_id = runs["long"].run_id, runs["slow"].run_id
         assert runs["long"].tags["nnbp.host"] == "machine-b"
         assert runs["long"].tags["nnbp.machine"] == "machine-b"  # NNBP_MACHINE unset
         first = int(runs["slow"].tags["nnbp.heartbeat"])
-        _wait(
+        wait_until(
             "the heartbeat refreshed",
             lambda: int(_runs(api)["slow"].tags["nnbp.heartbeat"]) > first,
         )

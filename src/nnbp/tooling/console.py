@@ -5,6 +5,7 @@ nnbp-gate --baseline-ref main   # in a pull request
 nnbp-close-orphans              # close the MLflow runs whose process is gone
 nnbp-share origin               # dvc exp push, once the DVC remote answers
 nnbp-apply origin NAME          # dvc exp pull + dvc exp apply, only if NAME's outputs arrived
+nnbp-sweep -S 'lamb=0,0.005' -S 'seed=1,2' --scheduler tcp://HOST:8786   # a grid on a cluster
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import click
 from .. import config
 from ..artifacts import load_metrics
 from ..dvcfiles import read_yaml
-from . import team
+from . import cluster, team
 from .cli import Tool
 from .gate import metrics_at_ref, run_gate
+from .task import EXPERIMENT_TIMEOUT
 from .tracking.orphans import close_orphan_runs, orphan_note
 from .tracking.store import OPT_OUT
 
@@ -170,3 +172,74 @@ def apply(git_remote: str, experiment: str) -> None:
     left as it was."""
     team.apply(git_remote, experiment)
     click.echo(f"applied experiment {experiment}: its params, metrics and outputs are here")
+
+
+@click.command(cls=Tool)
+@click.option(
+    "-S",
+    "--set-param",
+    "settings",
+    multiple=True,
+    metavar="[FILE:]KEY=VALUES",
+    help="As `dvc exp run --queue -S`: KEY=V1,V2 sweeps; several -S make their product.",
+)
+@click.option(
+    "--scheduler",
+    envvar="DASK_SCHEDULER_ADDRESS",
+    metavar="tcp://HOST:8786",
+    help="The Dask scheduler [DASK_SCHEDULER_ADDRESS; default: a cluster on this machine].",
+)
+@click.option(
+    "-j",
+    "--jobs",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Task slots of the cluster on this machine (without --scheduler).",
+)
+@click.option(
+    "--git-remote",
+    default="origin",
+    show_default=True,
+    help="The team's git remote, which the workers clone and the experiments go to.",
+)
+@click.option("-r", "--remote", help="The DVC remote of the outputs [default: the default one].")
+@click.option(
+    "--sort-by",
+    default="test_acc",
+    show_default=True,
+    metavar="[CONFIG.]METRIC",
+    help="The table's order: METRIC's mean over the configurations, or CONFIG.METRIC.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=EXPERIMENT_TIMEOUT,
+    show_default=True,
+    metavar="SECONDS",
+    help="An experiment still running after this is stopped (its run KILLED) and fails.",
+)
+def sweep(
+    settings: tuple[str, ...],
+    scheduler: str | None,
+    jobs: int,
+    git_remote: str,
+    remote: str | None,
+    sort_by: str,
+    timeout: float,
+) -> None:
+    """Run a grid of DVC experiments on a Dask cluster: one task per experiment, each run in a
+    clone of the git remote at this commit and shared there (dvc exp push), its runs in the
+    team's MLflow server. Experiments already on the remote are not run again; a worker that
+    dies costs only its task, which Dask runs elsewhere. Ends with a table of every experiment,
+    best first, and exits 1 if any failed."""
+    cluster.sweep(
+        list(settings),
+        scheduler=scheduler or None,
+        jobs=jobs,
+        git_remote=git_remote,
+        dvc_remote=remote,
+        sort_by=sort_by,
+        timeout=timeout,
+        echo=click.echo,
+    )

@@ -82,9 +82,21 @@ def check_remote(name: str | None = None, outcome: str = "nothing was pushed") -
     return label
 
 
+def error_line(output: str, status: int) -> str:
+    """The line of a failed command's ``output`` that says why: the first ``Error: ...`` of a
+    stage or console tool, else DVC's first ``ERROR: ...`` (DVC adds a help line and warnings,
+    which a failure would wrap), else git's ``fatal: ...``, else its first line."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    for prefix in ("Error: ", "ERROR: ", "fatal: "):
+        found = [line.removeprefix(prefix) for line in lines if line.startswith(prefix)]
+        if found:
+            return one_line(found[0])
+    return lines[0] if lines else f"exit {status}"
+
+
 def _dvc(*args: str) -> str | None:
     """Run ``dvc ARGS`` (the dvc beside this Python): None when it succeeds, its output shown;
-    else its first error line (DVC adds a help line and warnings, which a failure would wrap)."""
+    else its error line (``error_line``)."""
     dvc = Path(sys.executable).with_name("dvc")
     done = subprocess.run(
         [str(dvc if dvc.exists() else "dvc"), *args], capture_output=True, text=True, check=False
@@ -92,9 +104,7 @@ def _dvc(*args: str) -> str | None:
     if done.returncode == 0:
         sys.stdout.write(done.stdout)
         return None
-    lines = (done.stderr + done.stdout).splitlines()
-    errors = [line.removeprefix("ERROR: ") for line in lines if line.startswith("ERROR: ")]
-    return one_line(errors[0] if errors else (lines[0] if lines else f"exit {done.returncode}"))
+    return error_line(done.stderr + done.stdout, done.returncode)
 
 
 def share(git_remote: str, experiments: list[str], remote: str | None) -> str:
