@@ -66,13 +66,16 @@ def statuses(db: Path | str) -> list[str]:
     return [run.status for run in runs(db)]
 
 
-def server_runs(api: Any) -> list[Run]:
-    """Every run of the project's experiment on a tracking server, through its REST API."""
+def server_runs(api: Any, filter_string: str = "") -> list[Run]:
+    """Every run of the project's experiment on a tracking server, through its REST API (those
+    ``filter_string`` selects, in MLflow's search syntax, if given)."""
     lookup = api.request("experiments/get-by-name", experiment_name=EXPERIMENT)
     if api.status(lookup) == 404:  # no run has made it yet
         return []
     experiment = api.get("experiments/get-by-name", experiment_name=EXPERIMENT)["experiment"]
     body = {"experiment_ids": [experiment["experiment_id"]], "max_results": 1000}
+    if filter_string:
+        body["filter"] = filter_string
     found = []
     for raw in api.post("runs/search", body).get("runs", []):
         info, data = raw["info"], raw["data"]

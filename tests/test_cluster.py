@@ -28,10 +28,10 @@ from click.testing import CliRunner
 
 from nnbp.tooling.cluster import expand
 from nnbp.tooling.console import sweep as sweep_command
-from nnbp.tooling.tracking.store import EXPERIMENT
 from tests.cluster import STALE, Cluster, gone, kill, team_repository
 from tests.project import BIN, clean_env, sh
 from tests.servers import Api, free_port, start_s3_server, stop_server, wait_until
+from tests.store import Run, server_runs
 
 SEEDS = "seed=1,2,3,4,5,6"
 BAD = "-1"  # not a seed: the stage says so in one line
@@ -59,20 +59,9 @@ class Team:
             text=True,
         )
 
-    def runs(self, filter_string: str = "") -> list[dict]:
-        """The project's MLflow runs (info, params and tags as dicts)."""
-        lookup = self.api.request("experiments/get-by-name", experiment_name=EXPERIMENT)
-        if self.api.status(lookup) == 404:
-            return []
-        found = self.api.get("experiments/get-by-name", experiment_name=EXPERIMENT)
-        body = {"experiment_ids": [found["experiment"]["experiment_id"]], "max_results": 1000}
-        if filter_string:
-            body["filter"] = filter_string
-        runs = self.api.post("runs/search", body).get("runs", [])
-        for run in runs:
-            run["tags"] = {t["key"]: t["value"] for t in run["data"].get("tags", [])}
-            run["params"] = {p["key"]: p["value"] for p in run["data"].get("params", [])}
-        return runs
+    def runs(self, filter_string: str = "") -> list[Run]:
+        """The project's MLflow runs on the team's server."""
+        return server_runs(self.api, filter_string)
 
     def exp_refs(self) -> list[str]:
         listed = sh(self.root, clean_env(), "git", "ls-remote", str(self.origin), "refs/exps/*")
@@ -130,7 +119,7 @@ def swept(team: Team) -> Swept:
         wait_until("its task's processes ended with it", lambda: gone(tree), timeout=15)
         gone_at = time.time()
         team.cluster.start_worker("machine-c", team.worker_env)
-        out, err = proc.communicate(timeout=170)
+        out, err = proc.communicate(timeout=400)  # a loaded machine: the suite's 3 workers
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -138,7 +127,7 @@ def swept(team: Team) -> Swept:
     result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     (team.root / "nnbp-sweep.out").write_text(out + err)  # for a failure's reader
     rows = re.findall(r"^(sweep-[0-9a-f]{10})  +(seed=-?\d+)", out, flags=re.M)
-    return Swept(result, training[0]["tags"]["dvc_experiment"], gone_at, dict(rows))
+    return Swept(result, training[0].tags["dvc_experiment"], gone_at, dict(rows))
 
 
 @pytest.mark.slow
@@ -184,26 +173,26 @@ def test_mlflow_holds_one_finished_run_per_experiment_and_the_dead_one_failed(
     runs = team.runs()
     by_exp: dict[str, list[dict]] = {}
     for run in runs:
-        by_exp.setdefault(run["tags"]["dvc_experiment"], []).append(run)
+        by_exp.setdefault(run.tags["dvc_experiment"], []).append(run)
     good = {n for n, s in swept.names.items() if s != f"seed={BAD}"}
     assert set(by_exp) == good  # the bad value trained nothing
     for name, found in by_exp.items():
-        finished = [r for r in found if r["info"]["status"] == "FINISHED"]
-        assert len(finished) == 1, (name, [r["info"]["status"] for r in found])
+        finished = [r for r in found if r.status == "FINISHED"]
+        assert len(finished) == 1, (name, [r.status for r in found])
         (run,) = finished
-        assert run["params"]["config"] == "h25"
-        assert run["params"]["seed"] == swept.names[name].removeprefix("seed=")
-        assert run["info"]["run_name"] == f"h25 ({name})"
-        assert run["tags"]["nnbp.machine"] in ("machine-a", "machine-b", "machine-c")
-    (dead,) = [r for r in by_exp[swept.killed] if r["info"]["status"] != "FINISHED"]
-    assert dead["info"]["status"] == "FAILED"
-    assert dead["tags"]["nnbp.machine"] == "machine-b"
-    why = dead["tags"]["nnbp.orphaned"]
+        assert run.params["config"] == "h25"
+        assert run.params["seed"] == swept.names[name].removeprefix("seed=")
+        assert run.name == f"h25 ({name})"
+        assert run.tags["nnbp.machine"] in ("machine-a", "machine-b", "machine-c")
+    (dead,) = [r for r in by_exp[swept.killed] if r.status != "FINISHED"]
+    assert dead.status == "FAILED"
+    assert dead.tags["nnbp.machine"] == "machine-b"
+    why = dead.tags["nnbp.orphaned"]
     assert why.startswith("no heartbeat from machine machine-b (process "), why
     assert f"more than the {STALE} s allowed (NNBP_HEARTBEAT_TIMEOUT)" in why
     assert re.search(r"closed as FAILED by the next run \(train@h25\) on machine-[ac]$", why)
     # its end is its last sign of life, before its processes were gone
-    assert int(dead["info"]["end_time"]) <= swept.gone_at * 1000
+    assert dead.end_time <= swept.gone_at * 1000
 
 
 def _exp_show(repo: Path) -> dict[str, tuple[int, dict]]:
@@ -352,7 +341,7 @@ def test_without_a_git_remote_the_grid_lands_in_this_repository(team: Team):
     env = clean_env()
     sh(team.lead, env, "git", "remote", "remove", "origin")
     try:
-        result = sh(team.lead, env, "nnbp-sweep", "-S", "seed=8", ok=False, timeout=170)
+        result = sh(team.lead, env, "nnbp-sweep", "-S", "seed=8", ok=False, timeout=400)
     finally:
         sh(team.lead, env, "git", "remote", "add", "origin", str(team.origin))
     out = result.stdout
