@@ -133,9 +133,10 @@ def test_lab_file_runs_with_the_documented_command(repo: Path) -> None:
 
 
 def test_readmes_way_back_to_the_baseline_restores_it(repo: Path) -> None:
-    # (last in this module: it commits the copy's current state as its baseline)
+    # The copy's current state, whatever the tests before left in it, is the baseline
+    # (``--allow-empty``: they may have left it as committed).
     git(repo, "add", "--all")
-    git(repo, "commit", "--quiet", "--no-verify", "-m", "baseline")
+    git(repo, "commit", "--quiet", "--no-verify", "--allow-empty", "-m", "baseline")
     files = ("params.yaml", "dvc.lock", "reports/metrics.json", "reports/results.md")
     committed = {f: (repo / f).read_bytes() for f in files}
     dvc(repo, "exp", "run", "-S", "lamb=0.004", env=UNTRACKED)
