@@ -11,6 +11,7 @@ from .backprop import Callback, DivergenceError, Weights, fit, init_weights
 from .config import FIT, RECORDED, Training
 from .errors import UserError
 from .evaluation import score
+from .kernels import check as check_kernels
 from .parallel import MapBlocks, Pool, in_order, thread_count
 
 
@@ -58,7 +59,11 @@ def train(
     by ``config.seed``), its ``config.blocks`` blocks run by ``threads`` threads (which change no
     bit); ``on_point`` gets every log point (iteration 0, every ``log_every`` and the last).
     ``Diverged`` (one line) if the loss stops being finite; an exception raised by ``on_point``
-    stops the training there."""
+    stops the training there.
+
+    The model records the kernel family that trained it (``nnbp.kernels``); when it is not the
+    pinned one, a ``KernelWarning`` says so, once."""
+    kernels = check_kernels()
     sizes = [data.features, *config.hidden, data.classes]
     weights = init_weights(sizes, np.random.default_rng(config.seed))
     try:
@@ -90,4 +95,4 @@ def train(
             f"configuration {config.name} diverged: non-finite loss at iteration {e.iteration} "
             f"(tau={config.tau}, lamb={config.lamb}); nothing was written"
         ) from None
-    return TrainedModel(tuple(weights), config.values(RECORDED))
+    return TrainedModel(tuple(weights), config.values(RECORDED), kernels)

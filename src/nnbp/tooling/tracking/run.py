@@ -86,19 +86,17 @@ def training_params(
 ) -> dict[str, Any]:
     """What a training run logs as params: every training parameter of the schema, the layers,
     the data, and how it ran (threads, and the BLAS kernels that ran, on which the last bits
-    depend)."""
-    from threadpoolctl import threadpool_info
-
+    depend: ``nnbp.kernels``, which the model file records too)."""
+    from ...kernels import in_use
     from ...parallel import thread_count
 
-    blas = [i for i in threadpool_info() if i.get("user_api") == "blas"]
     values = {k: list(v) if isinstance(v, tuple) else v for k, v in config.model_dump().items()}
     return {
         "config": values.pop("name"),
         "sizes": "-".join(map(str, [data.features, *config.hidden, data.classes])),
         **values,
         "threads": thread_count(threads, config.blocks),
-        "blas_kernels": blas[0].get("architecture", "?") if blas else "?",
+        "blas_kernels": in_use(),
         "data_path": data_path,
         "data_md5": file_md5(data_path),
         "n_train": data.X_train.shape[1],
