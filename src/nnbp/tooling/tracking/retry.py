@@ -1,10 +1,30 @@
-"""Retrying a tracking call that failed for a moment: a SQLite file locked by a parallel writer,
-a server restarting or overloaded. What is transient is decided by the error's type and status
-code, never by words in its message (a run id or a path can hold "503")."""
+"""Retrying a tracking call that failed for a moment (a SQLite file locked by a parallel writer, a
+server restarting or overloaded), and the time budgets that bound every tracking call.
+
+What is transient is decided by the error's type and status code, never by words in its message
+(a run id or a path can hold "503").
+
+The budgets (docs/faults.md says what they mean for a stage):
+
+- ``REQUEST_SECONDS``: one HTTP request to a tracking server (MLflow's
+  ``MLFLOW_HTTP_REQUEST_TIMEOUT``; MLflow's own retries are off, ``MLFLOW_HTTP_REQUEST_MAX_RETRIES``
+  0: ours below are the only ones). A SQLite store waits up to 20 s for a lock (MLflow's busy
+  timeout) instead.
+- ``CALL_SECONDS``: one call, its retries included: no attempt starts after it.
+- ``START_SECONDS``: opening a run, all of its calls (the store's check, its experiment, the
+  orphans, the run and its params).
+- ``END_SECONDS``: all that a run still sends once training has ended (its model, artifacts,
+  figures, the metrics live logging could not send, its status).
+- ``KILL_SECONDS``: a run's KILLED status after a signal (the stage exits within 10 s).
+
+An attempt in flight at a deadline may overrun it by one request; the caller who waits does not
+wait for it (``nnbp.tooling.tracking.sender``).
+"""
 
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -14,7 +34,17 @@ SQLITE_TRANSIENT = ("SQLITE_BUSY", "SQLITE_LOCKED")
 # HTTP statuses of a server restarting, overloaded or behind a restarting proxy (as MLflow's own
 # client retries them), and of an MLflow store that reports a database error (503).
 HTTP_TRANSIENT = frozenset({408, 429, 502, 503, 504})
-RETRY_DELAYS = (1.0, 2.0, 4.0)  # seconds: 7 s of pauses in all
+RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0)  # seconds between attempts, while the call's budget lasts
+
+REQUEST_SECONDS = 5
+CALL_SECONDS = 30.0  # above a SQLite lock's 20 s, so that a second attempt fits
+START_SECONDS = 30.0
+END_SECONDS = 20.0
+KILL_SECONDS = 3.0
+
+
+class OutOfTime(TimeoutError):
+    """A tracking call's budget was used up before it could succeed."""
 
 
 def _chain(e: BaseException) -> Iterator[BaseException]:
@@ -55,14 +85,29 @@ def is_transient(e: BaseException) -> bool:
 
 
 def retrying(
-    fn: Callable[..., Any], *args: Any, delays: tuple[float, ...] | None = None, **kwargs: Any
+    fn: Callable[..., Any],
+    *args: Any,
+    delays: tuple[float, ...] | None = None,
+    deadline: float | None = None,
+    cancel: threading.Event | None = None,
+    **kwargs: Any,
 ) -> Any:
-    """``fn(*args, **kwargs)``, retried after each of ``delays`` seconds on a transient error."""
+    """``fn(*args, **kwargs)``, retried after each of ``delays`` seconds on a transient error,
+    as long as the next attempt would start before ``deadline`` (``time.monotonic()``; by
+    default ``CALL_SECONDS`` from now). ``cancel`` set ends the pauses, and the retries, at once.
+    ``OutOfTime`` if the deadline passed before the first attempt."""
+    if deadline is None:
+        deadline = time.monotonic() + CALL_SECONDS
+    if time.monotonic() >= deadline:
+        raise OutOfTime("not attempted: its time was used up")
     for delay in (*(RETRY_DELAYS if delays is None else delays), None):
         try:
             return fn(*args, **kwargs)
         except Exception as e:
-            if delay is None or not is_transient(e):
+            if delay is None or not is_transient(e) or time.monotonic() + delay >= deadline:
                 raise
-            time.sleep(delay)
+            if cancel is not None and cancel.wait(delay):
+                raise
+            if cancel is None:
+                time.sleep(delay)
     raise AssertionError("unreachable")
