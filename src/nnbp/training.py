@@ -54,12 +54,14 @@ def train(
     data: Prepared,
     on_point: Callable[[LogPoint], None] | None = None,
     threads: int | str = "auto",
+    stop_check: Callable[[], None] | None = None,
 ) -> TrainedModel:
     """Train ``config`` on ``data`` by full-batch backprop from the lab's initial weights (seeded
     by ``config.seed``), its ``config.blocks`` blocks run by ``threads`` threads (which change no
     bit); ``on_point`` gets every log point (iteration 0, every ``log_every`` and the last).
     ``Diverged`` (one line) if the loss stops being finite; an exception raised by ``on_point``
-    stops the training there.
+    stops the training there, and so does one raised by ``stop_check``, called before every
+    iteration (a stage's signal path: ``nnbp.tooling.cli.stop_point``).
 
     The model records the kernel family that trained it (``nnbp.kernels``); when it is not the
     pinned one, a ``KernelWarning`` says so, once."""
@@ -88,7 +90,7 @@ def train(
                 weights,
                 **config.values(FIT),
                 map_blocks=pool.map,
-                callback=callback,
+                callback=_stopping(callback, stop_check),
             )
     except DivergenceError as e:
         raise Diverged(
@@ -96,3 +98,16 @@ def train(
             f"(tau={config.tau}, lamb={config.lamb}); nothing was written"
         ) from None
     return TrainedModel(tuple(weights), config.values(RECORDED), kernels)
+
+
+def _stopping(callback: Callback | None, stop_check: Callable[[], None] | None) -> Callback | None:
+    """``callback``, after ``stop_check()`` at every iteration (which may raise to stop there)."""
+    if stop_check is None:
+        return callback
+
+    def checked(t: int, W: Weights) -> None:
+        stop_check()
+        if callback is not None:
+            callback(t, W)
+
+    return checked
