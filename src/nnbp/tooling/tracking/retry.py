@@ -29,6 +29,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from ...errors import first_line
+
 # SQLite's "the database is busy / a table is locked": a parallel writer holds the lock.
 SQLITE_TRANSIENT = ("SQLITE_BUSY", "SQLITE_LOCKED")
 # HTTP statuses of a server restarting, overloaded or behind a restarting proxy (as MLflow's own
@@ -39,8 +41,8 @@ RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0)  # seconds between attempts, while the call'
 REQUEST_SECONDS = 5
 CALL_SECONDS = 30.0  # above a SQLite lock's 20 s, so that a second attempt fits
 START_SECONDS = 30.0
-END_SECONDS = 20.0
-KILL_SECONDS = 3.0
+END_SECONDS = 15.0
+KILL_SECONDS = 2.0
 
 
 class OutOfTime(TimeoutError):
@@ -82,6 +84,21 @@ def is_transient(e: BaseException) -> bool:
     from mlflow.exceptions import MlflowException
 
     return isinstance(e, MlflowException) and e.get_http_status_code() in HTTP_TRANSIENT
+
+
+def describe(e: BaseException) -> str:
+    """``e`` in a few words for a warning line: a network error by what happened (MLflow's own
+    message repeats the URL and urllib3's retry state), anything else by its first line."""
+    if isinstance(e, OutOfTime):
+        return str(e)
+    import requests
+
+    chain = list(_chain(e))
+    if any(isinstance(cause, ConnectionRefusedError) for cause in chain):
+        return "connection refused"
+    if any(isinstance(cause, TimeoutError | requests.exceptions.Timeout) for cause in chain):
+        return f"no answer within {REQUEST_SECONDS} s"
+    return first_line(e)
 
 
 def retrying(

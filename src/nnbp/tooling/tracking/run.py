@@ -3,10 +3,10 @@ an error, KILLED on Ctrl-C or SIGTERM. With tracking off (``NNBP_TRACKING=off``)
 gives a run that is not ``enabled``: every call does nothing, and MLflow is not even imported.
 
 Tracking never costs a training result, nor holds the stage: the store is checked before training
-starts; every call to it is made by the run's own thread (``sender``), in order, within a budget
-(``retry``: a call 30 s, the run's opening 30 s, all it sends after training 20 s, its KILLED
-status 3 s), and the main thread waits for it only to open and to close the run, watching for a
-signal meanwhile. If live logging fails, training goes on, the run keeps its whole history and
+starts; every call to it is made by the run's own thread (``sender``), in order, within the
+budgets of ``retry`` (a call, the run's opening, all it sends after training, its KILLED status),
+and the main thread waits for it only to open and to close the run, watching for a signal
+meanwhile. If live logging fails, training goes on, the run keeps its whole history and
 sends it again when it ends, and whatever still cannot be sent is named in one line. A run
 records its process and keeps a heartbeat (``orphans``, ``heartbeat``) so that it is never left
 RUNNING for good, whichever machine it ran on.
@@ -40,7 +40,15 @@ from ...files import file_md5
 from .. import git
 from .heartbeat import Heartbeat, interval, machine, timeout
 from .orphans import close_orphans, orphan_note, process_tags
-from .retry import END_SECONDS, KILL_SECONDS, START_SECONDS, retrying
+from .retry import (
+    END_SECONDS,
+    KILL_SECONDS,
+    START_SECONDS,
+    OutOfTime,
+    describe,
+    is_transient,
+    retrying,
+)
 from .sender import Call, Sender, Unsent
 from .store import TrackingError, check_store, open_experiment, tracking_uri
 from .system import sampling
@@ -128,6 +136,7 @@ class Run:
         self._live = True  # False once live logging gave up: the rest waits for end()
         self._reported: list[Call] = []  # calls whose failure end() names
         self._end_by: float | None = None  # when all that follows training must be sent
+        self._down = False  # a call of the run's end found the store not answering
         self._lock = threading.Lock()  # training and the system metrics' thread both log
         self._heartbeat = Heartbeat(client, run_id, beat_every) if client is not None else None
 
@@ -192,10 +201,26 @@ class Run:
         else:
             self.end("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
 
-    def _submit(self, fn: Callable[..., Any], *args: Any, label: str) -> None:
-        """Hand ``fn(*args)`` to the run's thread, with retries; named by end() if it fails."""
+    def _submit(self, fn: Callable[..., Any], *args: Any, label: str) -> Call:
+        """Hand ``fn(*args)`` to the run's thread (``_sending``); named by end() if it fails."""
         assert self._sender is not None
-        self._reported.append(self._sender.submit(retrying, fn, *args, label=label))
+        call = self._sender.submit(self._sending, fn, *args, label=label)
+        self._reported.append(call)
+        return call
+
+    def _sending(
+        self, fn: Callable[..., Any], *args: Any, deadline: float, cancel: threading.Event
+    ) -> Any:
+        """``fn(*args)``, retried until ``deadline``; but once a call of the run's end has spent
+        its retries on a store that does not answer, each other makes one attempt (it goes
+        through if the store is back, and costs a moment if not)."""
+        delays = () if self._down else None
+        try:
+            return retrying(fn, *args, delays=delays, deadline=deadline, cancel=cancel)
+        except Exception as e:
+            if self._end_by is not None and is_transient(e):
+                self._down = True
+            raise
 
     def _closing(self) -> None:
         """Training has ended: all that is still to send gets ``END_SECONDS`` from now."""
@@ -229,8 +254,10 @@ class Run:
             retrying(self._client.log_batch, self.run_id, batch, deadline=deadline, cancel=cancel)
         except Exception as e:
             self._live = False
+            if self._end_by is not None:
+                return  # training is over: the run's last line names what is missing
             print(
-                f"warning: MLflow logging failed ({first_line(e)}); training goes on, and its "
+                f"warning: MLflow logging failed ({describe(e)}); training goes on, and its "
                 "metrics will be sent again when the run ends",
                 file=sys.stderr,
                 flush=True,
@@ -320,12 +347,11 @@ class Run:
         for i in range(0, len(history), BATCH):
             try:
                 chunk = history[i : i + BATCH]
-                retrying(
-                    self._client.log_batch, self.run_id, chunk, deadline=deadline, cancel=cancel
-                )
+                log_batch = self._client.log_batch
+                self._sending(log_batch, self.run_id, chunk, deadline=deadline, cancel=cancel)
             except Exception as e:
                 steps = sorted({m.step for m in history[i:]})
-                raise Unsent(f"metrics at steps {steps[0]}..{steps[-1]} ({first_line(e)})") from e
+                raise Unsent(f"metrics at steps {steps[0]}..{steps[-1]}", describe(e)) from e
 
     def end(self, status: str = "FINISHED") -> None:
         """Close the run as FINISHED, FAILED or KILLED: what is still queued is sent, then the
@@ -342,11 +368,8 @@ class Run:
             return
         self._closing()
         assert self._end_by is not None
-        resend = self._sender.submit(self._resend, label="the metrics not sent live")
-        closed = self._sender.submit(
-            retrying, self._client.set_terminated, self.run_id, status, label=_status_label(status)
-        )
-        self._reported += [resend, closed]
+        self._reported.append(self._sender.submit(self._resend, label="metrics not sent live"))
+        self._submit(self._client.set_terminated, self.run_id, status, label=_status_label(status))
         try:
             self._sender.wait(self._reported, self._end_by, self._stop_check)
         except KeyboardInterrupt:
@@ -360,32 +383,38 @@ class Run:
         ``KILL_SECONDS``; what waited in the queue is given up."""
         assert self._sender is not None
         until = time.monotonic() + KILL_SECONDS
+        self._end_by = until
         self._sender.cap(until)
-        self._sender.drop_pending("not sent: the run was stopped")
-        closed = self._sender.submit(
-            retrying,
-            self._client.set_terminated,
-            self.run_id,
-            "KILLED",
-            label=_status_label("KILLED"),
+        self._sender.drop_pending("the run was stopped first")
+        closed = self._submit(
+            self._client.set_terminated, self.run_id, "KILLED", label=_status_label("KILLED")
         )
-        resend = self._sender.submit(self._resend, label="the metrics not sent live")
-        self._reported += [closed, resend]
+        resend = self._sender.submit(self._resend, label="metrics not sent live")
+        self._reported.append(resend)
         self._sender.wait([closed, resend], until)
         self._report()
         self._sender.close(until)
 
     def _report(self) -> None:
-        """One warning line naming what could not be sent, if anything."""
-        unsent = [failure for call in self._reported if (failure := call.failure())]
+        """One warning line naming what could not be sent, if anything, grouped by why."""
+        unsent: dict[str, list[str]] = {}
+        for call in self._reported:
+            if failure := call.failure():
+                what, why = failure
+                unsent.setdefault(why, []).append(what)
         self._reported = []
         if unsent:
+            groups = "; ".join(f"{_listed(what)} ({why})" for why, what in unsent.items())
             print(
                 f"warning: MLflow run {self.name} ({self.run_id}) is incomplete: could not send "
-                f"{'; '.join(unsent)}; the stage's outputs are written all the same",
+                f"{groups}; the stage's outputs are written all the same",
                 file=sys.stderr,
                 flush=True,
             )
+
+
+def _listed(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
 
 
 def _status_label(status: str) -> str:
@@ -411,6 +440,8 @@ def _open(
     try:
         client, experiment_id = open_experiment(uri, deadline=deadline)
         _close_orphans_before(client, experiment_id, name, stale_after)
+        if cancel.is_set():  # a signal: no run to open, nor to close
+            raise OutOfTime("the run was stopped first")
         run_id = _create(
             client, experiment_id, run_name(name), params, run_tags(tags), deadline, cancel
         )

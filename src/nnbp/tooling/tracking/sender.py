@@ -17,14 +17,14 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ...errors import first_line
-from .retry import CALL_SECONDS, OutOfTime
+from .retry import CALL_SECONDS, OutOfTime, describe
 
 POLL_SECONDS = 0.1  # how often a waiting main thread looks for a signal
 
 
 class Unsent(Exception):
-    """What a call could not send, in words for the run's warning line."""
+    """``Unsent(what, why)``: what a call could not send, and why, in words for the run's
+    warning line."""
 
 
 class Call:
@@ -40,16 +40,16 @@ class Call:
         self.value: Any = None
         self.error: BaseException | None = None
 
-    def failure(self) -> str | None:
-        """Why this call did not send its ``label``, in words; None if it did."""
+    def failure(self) -> tuple[str, str] | None:
+        """(what this call did not send, why), in words; None if it sent it."""
         if not self.done.is_set():
-            waited = time.monotonic() - self.submitted
-            return f"{self.label} (no answer after {waited:.0f} s)"
+            return self.label, f"no answer after {time.monotonic() - self.submitted:.0f} s"
         if self.error is None:
             return None
         if isinstance(self.error, Unsent):
-            return str(self.error)
-        return f"{self.label} ({first_line(self.error)})"
+            what, why = self.error.args
+            return what, why
+        return self.label, describe(self.error)
 
 
 class Sender:
