@@ -7,6 +7,8 @@ already in the environment wins; elsewhere (another architecture, no AVX2, NumPy
 nothing is set, and training says so.
 """
 
-from .kernels import pin
+from .kernels import ABOVE_AVX2, pin
+
+__all__ = ["ABOVE_AVX2"]
 
 pin()

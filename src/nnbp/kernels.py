@@ -24,11 +24,9 @@ import platform
 import sys
 import warnings
 
-PINNED = {
-    "OPENBLAS_CORETYPE": "Haswell",
-    # NumPy's dispatch targets above X86_V3 (AVX-512): disabled, its AVX2 loops run instead.
-    "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR",
-}
+# NumPy's dispatch targets above X86_V3 (AVX-512): disabled, its AVX2 loops run instead.
+ABOVE_AVX2 = "X86_V4 AVX512_ICL AVX512_SPR"
+PINNED = {"OPENBLAS_CORETYPE": "Haswell", "NPY_DISABLE_CPU_FEATURES": ABOVE_AVX2}
 FAMILY = "OpenBLAS Haswell, NumPy X86_V3"  # what ``in_use`` reads where the pinning held
 
 # x86-64 System V: cpuid(leaf in edi, subleaf in esi, out in rdx) writes eax, ebx, ecx, edx.
