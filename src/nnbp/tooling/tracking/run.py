@@ -165,14 +165,24 @@ class Run:
             return cls(None, "", name, "", 0.0)
         beat_every, stale_after = interval(), timeout()  # bad settings: one line, no request
         sender = Sender()
+        creating = threading.Event()  # the opening is past its last point of giving up
         opening = sender.submit(
-            _open, uri, name, dict(params), dict(tags or {}), stale_after, seconds=START_SECONDS
+            _open,
+            uri,
+            name,
+            dict(params),
+            dict(tags or {}),
+            stale_after,
+            creating,
+            seconds=START_SECONDS,
         )
         try:
             opened = sender.wait([opening], time.monotonic() + START_SECONDS, stop_check)
         except KeyboardInterrupt:
-            opening.cancel.set()  # a run created meanwhile is closed as KILLED
-            sender.close(time.monotonic() + KILL_SECONDS)
+            opening.cancel.set()  # before reading ``creating``: see _open
+            # A run being created is closed as KILLED, if the store answers in time; an
+            # opening not that far gives up by itself, and the stage need not wait for it.
+            sender.close(time.monotonic() + (KILL_SECONDS if creating.is_set() else 0.0))
             raise
         if not opened or opening.error is not None:
             sender.close(time.monotonic())
@@ -430,16 +440,20 @@ def _open(
     params: Mapping[str, Any],
     tags: Mapping[str, str],
     stale_after: float,
+    creating: threading.Event,
     *,
     deadline: float,
     cancel: threading.Event,
 ) -> tuple[Any, str]:
     """(a client of ``uri``, a new RUNNING run's id), after the store's check and closing the
-    orphans; in the run's thread. ``TrackingError`` (one line) if the store cannot be used."""
+    orphans; in the run's thread. ``TrackingError`` (one line) if the store cannot be used.
+    ``creating`` is set before ``cancel`` is read, and the main thread sets ``cancel`` before it
+    reads ``creating``: either the run is not created, or the main thread waits for it."""
     check_store(uri)
     try:
         client, experiment_id = open_experiment(uri, deadline=deadline)
         _close_orphans_before(client, experiment_id, name, stale_after)
+        creating.set()
         if cancel.is_set():  # a signal: no run to open, nor to close
             raise OutOfTime("the run was stopped first")
         run_id = _create(
