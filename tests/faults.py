@@ -18,16 +18,16 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ruamel.yaml import YAML
 
 from tests.conftest import BIN, ROOT, clean_env
-from tests.servers import Server, start_server, stop_server
 
 KERNEL_VARIABLES = ("OPENBLAS_CORETYPE", "NPY_DISABLE_CPU_FEATURES")
+T = TypeVar("T")
 
 
 def fresh_env(**extra: str) -> dict[str, str]:
@@ -139,12 +139,12 @@ def store_runs(db: Path) -> dict[str, tuple[str, dict[str, str]]]:
     return {run_id: (status, tags[run_id]) for run_id, status in runs}
 
 
-def logged_metrics(db: Path, run_id: str) -> int:
-    """How many metric rows run ``run_id`` has in a server's SQLite store."""
+def logged_metrics(db: Path, run_id: str, key: str = "loss") -> int:
+    """How many points of metric ``key`` run ``run_id`` has in a server's SQLite store."""
     try:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10) as con:
-            query = "SELECT COUNT(*) FROM metrics WHERE run_uuid = ?"
-            return con.execute(query, (run_id,)).fetchone()[0]
+            query = "SELECT COUNT(*) FROM metrics WHERE run_uuid = ? AND key = ?"
+            return con.execute(query, (run_id, key)).fetchone()[0]
     except sqlite3.Error:
         return 0
 
@@ -160,35 +160,36 @@ def frozen(proc: subprocess.Popen) -> Iterator[None]:
         os.killpg(proc.pid, signal.SIGCONT)
 
 
-def servers(folder: Path, count: int) -> list[tuple[subprocess.Popen, Server]]:
-    """``count`` `mlflow server`s over one SQLite store (``folder/mlflow.db``), started side by
-    side (a start costs 10 to 15 s on a busy 2-core machine) once the store's tables exist (two
-    servers creating them would race): what one logs, any other reads and closes.
-    ``stop_server`` each."""
+def new_store(db: Path) -> str:
+    """A SQLite store with MLflow's tables, for servers that share it (two creating them at
+    once would race); its URI."""
     from mlflow import MlflowClient
 
-    store = f"sqlite:///{folder / 'mlflow.db'}"
-    MlflowClient(tracking_uri=store).search_experiments()  # creates the tables
-    started: dict[int, tuple[subprocess.Popen, Server]] = {}
-    failed: list[BaseException] = []
+    uri = f"sqlite:///{db}"
+    MlflowClient(tracking_uri=uri).search_experiments()
+    return uri
 
-    def start(i: int) -> None:
-        (folder / f"server{i}").mkdir(parents=True, exist_ok=True)
+
+def in_parallel(*calls: Callable[[], T]) -> list[T]:
+    """Each of ``calls`` in a thread of its own, side by side; their results, in order (the
+    first exception raised, if any, once all have ended)."""
+    results: dict[int, T] = {}
+    errors: list[BaseException] = []
+
+    def run(i: int, call: Callable[[], T]) -> None:
         try:
-            started[i] = start_server(folder / f"server{i}", store)
-        except BaseException as e:  # raised in the test's thread below
-            failed.append(e)
+            results[i] = call()
+        except BaseException as e:  # raised in the caller's thread below
+            errors.append(e)
 
-    threads = [threading.Thread(target=start, args=(i,)) for i in range(count)]
+    threads = [threading.Thread(target=run, args=item) for item in enumerate(calls)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    if failed:
-        for proc, _ in started.values():
-            stop_server(proc)
-        raise failed[0]
-    return [started[i] for i in range(count)]
+    if errors:
+        raise errors[0]
+    return [results[i] for i in range(len(calls))]
 
 
 def close_orphans(root: Path, uri: str) -> subprocess.CompletedProcess[str]:
