@@ -3,10 +3,11 @@ answers nothing), in the middle of a training run.
 
 Training finishes and writes its model and history; the stage exits 0 well within 60 s of the
 fault, with one warning line naming what the run lacks; the run, left RUNNING, is closed as
-soon as the store is back (`nnbp-close-orphans`). Real `mlflow server`s over one SQLite store,
-real stage processes, real SIGKILL and SIGSTOP. Both faults run side by side, one server each:
-the killed server's store is back through the other one once it is thawed (a server start
-costs 10 to 15 s on this machine, more than the test needs a restart for).
+soon as the store is back (`nnbp-close-orphans`). And a stage stopped by SIGTERM while its
+server is frozen exits 143 within 10 s all the same (it used to wait on the server for minutes).
+Real `mlflow server`s over one SQLite store, real stage processes, real SIGKILL, SIGSTOP and
+SIGTERM. The faults run side by side, one server each: the killed server's store is back through
+the other one once it is thawed (rather than a restart, which costs a server's start).
 """
 
 from __future__ import annotations
@@ -75,6 +76,21 @@ def _runs_of(db: Path, procs: dict[str, subprocess.Popen[str]]) -> dict[str, str
     }
 
 
+def _ends(procs: dict[str, subprocess.Popen[str]], timeout: float) -> dict[str, float]:
+    """name -> when each process ended (``time.monotonic()``), polled every 20 ms; the test
+    fails if one still runs after ``timeout`` seconds. (Their output is a few lines: the pipes
+    cannot fill meanwhile.)"""
+    ended: dict[str, float] = {}
+    deadline = time.monotonic() + timeout
+    while len(ended) < len(procs):
+        assert time.monotonic() < deadline, f"still running: {set(procs) - set(ended)}"
+        for name, proc in procs.items():
+            if name not in ended and proc.poll() is not None:
+                ended[name] = time.monotonic()
+        time.sleep(0.02)
+    return ended
+
+
 def test_a_killed_and_a_frozen_server_cost_the_run_its_tracking_not_its_model(tmp_path: Path):
     store = new_store(tmp_path / "mlflow.db")
     for name in ("killed", "frozen"):
@@ -86,13 +102,15 @@ def test_a_killed_and_a_frozen_server_cost_the_run_its_tracking_not_its_model(tm
         lambda: _workspace(tmp_path / "work"),
     )
     db = tmp_path / "mlflow.db"
+    # "stopped" trains on the frozen server too, and gets SIGTERM once it is frozen
+    servers = {"killed": killed, "frozen": thawed, "stopped": thawed}
     procs: dict[str, subprocess.Popen[str]] = {}
     runs: dict[str, str] = {}
     faulted: dict[str, float] = {}
     results = {}
     try:
         with contextlib.ExitStack() as faults:
-            for name, server in (("killed", killed), ("frozen", thawed)):
+            for name, server in servers.items():
                 procs[name] = _stage(
                     work,
                     "train",
@@ -104,20 +122,23 @@ def test_a_killed_and_a_frozen_server_cost_the_run_its_tracking_not_its_model(tm
             deadline = time.monotonic() + 120
             while len(faulted) < len(procs):  # each fault as soon as its training logs
                 assert time.monotonic() < deadline, "training did not start in time"
-                for name, run_id in _runs_of(db, procs).items():
-                    if name in faulted:
-                        continue
+                runs.update(_runs_of(db, procs))
+                for name in set(runs) - set(faulted):
                     assert procs[name].poll() is None, f"{name} ended before its fault"
-                    runs[name] = run_id
-                    if name == "killed":
-                        os.killpg(killed_proc.pid, signal.SIGKILL)
-                    else:
-                        faults.enter_context(frozen(frozen_proc))  # thawed when the block ends
-                    faulted[name] = time.monotonic()
+                if "killed" in runs and "killed" not in faulted:
+                    os.killpg(killed_proc.pid, signal.SIGKILL)
+                    faulted["killed"] = time.monotonic()
+                if {"frozen", "stopped"} <= set(runs) and "frozen" not in faulted:
+                    faults.enter_context(frozen(frozen_proc))  # thawed when the block ends
+                    faulted["frozen"] = time.monotonic()
+                    time.sleep(0.5)  # in the middle of its training, the server frozen
+                    procs["stopped"].send_signal(signal.SIGTERM)
+                    faulted["stopped"] = time.monotonic()
                 time.sleep(0.05)
+            ended = _ends(procs, FAULT_TO_EXIT + 30)
             for name, proc in procs.items():
-                out, err = proc.communicate(timeout=FAULT_TO_EXIT + 30)
-                results[name] = (proc.returncode, time.monotonic() - faulted[name], out, err)
+                out, err = proc.communicate(timeout=30)
+                results[name] = (proc.returncode, ended[name] - faulted[name], out, err)
             during = store_runs(db)  # the file, read while the frozen server is stopped
             sent_live = logged_metrics(db, runs["killed"])
         # The store back: the frozen server thawed, the killed one's store behind it.
@@ -129,6 +150,15 @@ def test_a_killed_and_a_frozen_server_cost_the_run_its_tracking_not_its_model(tm
                 proc.kill()
         for proc in (killed_proc, frozen_proc):
             stop_server(proc)
+
+    status, seconds, out, err = results.pop("stopped")
+    assert status == 143, err
+    assert seconds < 10, f"the stopped stage exited {seconds:.1f} s after SIGTERM"
+    assert err.splitlines()[-1] == "terminated (SIGTERM): stopped; no output is half-written"
+    assert "Traceback" not in err, err
+    written = [(work / "out-stopped" / f"h25.{ext}").exists() for ext in ("npz", "json")]
+    assert written in ([False, False], [True, True]), written  # both or neither
+    assert during[runs["stopped"]][0] == "RUNNING"  # its KILLED status could not be sent
 
     for name, (status, seconds, out, err) in results.items():
         assert status == 0, f"{name}: {err}"
@@ -154,6 +184,7 @@ def test_a_killed_and_a_frozen_server_cost_the_run_its_tracking_not_its_model(tm
     assert "ended without closing this run" in tags["nnbp.orphaned"]
     assert f"note: closed MLflow run 'h25' ({runs['killed'][:8]}) as FAILED" in closing.stdout
     # The frozen server, thawed, may first carry out requests it had taken in; either way the
-    # run is closed.
-    status, tags = after[runs["frozen"]]
-    assert status == "FINISHED" or (status == "FAILED" and "nnbp.orphaned" in tags), after
+    # runs are closed.
+    for name, closed in (("frozen", "FINISHED"), ("stopped", "KILLED")):
+        status, tags = after[runs[name]]
+        assert status == closed or (status == "FAILED" and "nnbp.orphaned" in tags), after

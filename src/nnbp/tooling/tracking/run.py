@@ -460,7 +460,7 @@ def _open(
             client, experiment_id, run_name(name), params, run_tags(tags), deadline, cancel
         )
     except Exception as e:
-        raise TrackingError(f"MLflow store {uri} cannot be used: {first_line(e)}") from None
+        raise TrackingError(f"MLflow store {uri} cannot be used: {describe(e)}") from None
     return client, run_id
 
 
