@@ -125,6 +125,7 @@ def main() -> None:
                         started = time.perf_counter()
                         for point in points:
                             run.log_point(point)
+                        run.flush(600)  # the run's thread sends them: until it has
                         logged = time.perf_counter() - started
                     print(f"{logged:>13.2f}", end="")
                 print(flush=True)

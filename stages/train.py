@@ -12,7 +12,7 @@ import click
 
 from nnbp import config
 from nnbp.artifacts import History, LogPoint, Prepared, save_trained
-from nnbp.tooling.cli import Progress, Stage, path_option
+from nnbp.tooling.cli import Progress, Stage, path_option, stop_point
 from nnbp.tooling.tracking.run import Run, training_params
 from nnbp.training import train
 
@@ -35,8 +35,10 @@ def main(name: str | None, prepared: str, models: str, histories: str) -> None:
     data = Prepared.load(prepared)
     model_path, history_path = Path(models) / f"{name}.npz", Path(histories) / f"{name}.json"
     points: list[LogPoint] = []
-    # The run is opened, or the store refused, before any training.
-    with Run.start(name, training_params(training, threads, data_path, data)) as run:
+    # The run is opened, or the store refused, before any training. A signal stops the stage
+    # at its next iteration or wait for the store (stop_point), never inside either.
+    params = training_params(training, threads, data_path, data)
+    with Run.start(name, params, stop_check=stop_point) as run:
         run.log_datasets(data_path, data)
         with run.system_metrics(), Progress(training.iters, name) as bar:
 
@@ -45,7 +47,7 @@ def main(name: str | None, prepared: str, models: str, histories: str) -> None:
                 run.log_point(point)
                 bar.show(point)
 
-            model = train(training, data, on_point, threads)
+            model = train(training, data, on_point, threads, stop_check=stop_point)
         history = History(tuple(points))
         save_trained(model, history, model_path, history_path)
         run.log_model(model_path, data.X_test[:, :EXAMPLES].T, step=points[-1].iteration)

@@ -25,6 +25,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
+from nnbp.kernels import PINNED
 from tests.params import set_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,18 +36,22 @@ OUTPUT_DIRS = ("data/prepared", "models", "reports")
 # Every process a test starts carries this mark in its environment: at the end of the session,
 # none may be left (conftest.py).
 SESSION_MARK = "NNBP_TEST_SESSION"
+KERNEL_VARIABLES = tuple(PINNED)  # what `import nnbp` sets in this process
 
 
 def clean_env(**extra: str) -> dict[str, str]:
     """The environment for a subprocess of a test.
 
     The venv first on PATH (dvc.yaml calls `python`), no inherited tracking store, DVC or git
-    state, DVC analytics off, tracking off unless ``extra`` sets it.
+    state, no kernel setting (``import nnbp`` set them in this process; a subprocess decides
+    its kernels as on a user's machine), DVC analytics off, tracking off unless ``extra`` sets
+    it.
     """
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("MLFLOW_", "DVC_", "GIT_")) and k != "NNBP_TRACKING"
+        if not k.startswith(("MLFLOW_", "DVC_", "GIT_"))
+        and k not in ("NNBP_TRACKING", *KERNEL_VARIABLES)
     }
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["DVC_NO_ANALYTICS"] = "1"
@@ -292,17 +297,21 @@ def assert_one_line_error(
     return lines[0]
 
 
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def snapshot(root: Path, dirs: tuple[str, ...] = OUTPUT_DIRS) -> dict[str, str]:
     """Every file under ``dirs`` (hidden temporary files included) -> its SHA-256."""
     files = {}
     for d in dirs:
         base = root / d
         if base.is_file():
-            files[d] = hashlib.sha256(base.read_bytes()).hexdigest()
+            files[d] = sha256(base)
             continue
         for p in sorted(base.rglob("*")) if base.is_dir() else ():
             if p.is_file():
-                files[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+                files[str(p.relative_to(root))] = sha256(p)
     return files
 
 

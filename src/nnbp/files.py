@@ -5,7 +5,11 @@ Each writer fills a temporary file beside the target and renames it into place, 
 Ctrl-C or a full disk leaves the previous output as it was. ``atomic_paths`` does the same for
 several files that belong together (a model and its history): they are all written before any is
 renamed, and Ctrl-C or SIGTERM is held back during the renames (only a failing rename, which does
-not happen within one folder of a working disk, could leave the group half replaced).
+not happen within one folder of a working disk, could leave the group half replaced). Holding a
+signal back means holding back its Python handler: the kernel may deliver the signal to any
+thread (OpenBLAS's, the tracking's), but CPython runs the handler in the main thread, between two
+bytecodes, so blocking the signal in the renaming thread alone (``pthread_sigmask``) let it
+through between two renames.
 ``.npz`` archives get fixed zip timestamps so that the same arrays always give the same bytes
 (and the same ``dvc.lock``). An ``OSError`` raised while writing names the target file.
 """
@@ -31,20 +35,29 @@ from .errors import UserError
 
 _EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest date a zip entry can hold
 _ZIP64_FROM = 2**31  # bytes; well below the 4 GiB limit of plain zip headers, .npy header included
-_DEFERRED = {signal.SIGINT, signal.SIGTERM}
+_DEFERRED = (signal.SIGINT, signal.SIGTERM)
 
 
 @contextlib.contextmanager
 def _signals_deferred() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM back (delivered on exit) while a group of renames happens."""
+    """Hold SIGINT and SIGTERM back while a group of renames happens: their handlers are swapped
+    for one that notes them, and what was noted is raised again, for the real handlers, on exit.
+    Handlers run in the main thread only, so renames in another thread need nothing of this."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED)
+    noted: list[int] = []
+    handlers = {s: signal.getsignal(s) for s in _DEFERRED}
+    handlers = {s: h for s, h in handlers.items() if h is not None}  # None: not Python's to swap
     try:
+        for signum in handlers:
+            signal.signal(signum, lambda signum, frame: noted.append(signum))
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(noted):
+            signal.raise_signal(signum)  # the real handler runs now, after the group
 
 
 def _naming(e: OSError, names: dict[str, Path]) -> OSError:

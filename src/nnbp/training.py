@@ -11,6 +11,7 @@ from .backprop import Callback, DivergenceError, Weights, fit, init_weights
 from .config import FIT, RECORDED, Training
 from .errors import UserError
 from .evaluation import score
+from .kernels import check as check_kernels
 from .parallel import MapBlocks, Pool, Schedule, in_order, thread_count
 
 
@@ -54,12 +55,18 @@ def train(
     data: Prepared,
     on_point: Callable[[LogPoint], None] | None = None,
     threads: int | str = "auto",
+    stop_check: Callable[[], None] | None = None,
 ) -> TrainedModel:
     """Train ``config`` on ``data`` by full-batch backprop from the lab's initial weights (seeded
     by ``config.seed``), its ``config.blocks`` blocks run by ``threads`` threads (which change no
     bit); ``on_point`` gets every log point (iteration 0, every ``log_every`` and the last).
     ``Diverged`` (one line) if the loss stops being finite; an exception raised by ``on_point``
-    stops the training there."""
+    stops the training there, and so does one raised by ``stop_check``, called before every
+    iteration (a stage's signal path: ``nnbp.tooling.cli.stop_point``).
+
+    The model records the kernel family that trained it (``nnbp.kernels``); when it is not the
+    pinned one, a ``KernelWarning`` says so, once."""
+    kernels = check_kernels()
     sizes = [data.features, *config.hidden, data.classes]
     weights = init_weights(sizes, np.random.default_rng(config.seed))
     try:
@@ -84,11 +91,24 @@ def train(
                 weights,
                 **config.values(FIT),
                 map_blocks=pool.map,
-                callback=callback,
+                callback=_stopping(callback, stop_check),
             )
     except DivergenceError as e:
         raise Diverged(
             f"configuration {config.name} diverged: non-finite loss at iteration {e.iteration} "
             f"(tau={config.tau}, lamb={config.lamb}); nothing was written"
         ) from None
-    return TrainedModel(tuple(weights), config.values(RECORDED))
+    return TrainedModel(tuple(weights), config.values(RECORDED), kernels)
+
+
+def _stopping(callback: Callback | None, stop_check: Callable[[], None] | None) -> Callback | None:
+    """``callback``, after ``stop_check()`` at every iteration (which may raise to stop there)."""
+    if stop_check is None:
+        return callback
+
+    def checked(t: int, W: Weights) -> None:
+        stop_check()
+        if callback is not None:
+            callback(t, W)
+
+    return checked

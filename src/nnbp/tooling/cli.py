@@ -1,30 +1,49 @@
 """The command layer: what the stage scripts (``@click.command(cls=Stage)``) and the console tools
-(``cls=Tool``) share, in one place: one-line errors, the one signal path, the progress bar.
+(``cls=Tool``) share, in one place: one-line errors and warnings, the one signal path, the progress
+bar.
 
 - a bad option (Click's usage errors: unknown, misspelt, missing) is one line ``Error: ...``
   and exit status 2, without Click's usage lines; so is a bad parameter in params.yaml;
 - bad data, an unusable tracking store, an output that cannot be written (read-only or full
   disk) or running out of memory is one line ``Error: ...`` and exit status 1;
-- Ctrl-C is one line and exit status 130, SIGTERM likewise with 143: SIGTERM raises
-  ``Terminated``, a ``KeyboardInterrupt``, so every cleanup written for Ctrl-C runs for it too
-  (an MLflow run is closed as KILLED, a group of renames finishes first: ``nnbp.files``);
-- a stage, under DVC, gets SIGTERM when DVC dies (``nnbp.tooling.parent``), so it never trains
-  on as an orphan.
+- a warning of nnbp's own (``nnbp.kernels.KernelWarning``) is one line ``warning: ...``;
+- Ctrl-C is one line and exit status 130, SIGTERM likewise with 143.
 
-Outputs are written atomically (``nnbp.files``), so whatever was there before is left as it was.
+The signal path. In a stage, SIGINT and SIGTERM only note the signal: the stage stops where it
+may (``stop_point``): before every iteration of training (``nnbp.training.train``'s
+``stop_check``), in every wait for the tracking store (``nnbp.tooling.tracking``), and when its
+command returns. Stopping raises ``KeyboardInterrupt`` (SIGINT) or ``Terminated`` (SIGTERM, a
+``KeyboardInterrupt`` too), so every cleanup written for Ctrl-C runs: the MLflow run is closed as
+KILLED if the store answers within a few seconds, temporary files are removed. No signal lands
+inside an MLflow, SQLAlchemy or HTTP call, nor between two renames of a group (``nnbp.files``).
+A stage that is still running ``FORCE_SECONDS`` after the signal is interrupted wherever it is,
+and ``EXIT_SECONDS`` after it the process ends, so a stage always exits within 10 s of a signal.
+A second signal changes nothing (DVC's own SIGTERM and the parent-death one can both arrive). A
+console tool stops at once, where it is (it writes no group of files). A signal that arrives
+before the command starts (Python starting, the imports: the first few tenths of a second) ends
+the process as it ends any Python program; it has written nothing then.
+
+Under DVC, a stage gets SIGTERM when DVC dies (``nnbp.tooling.parent``), so it never trains on as
+an orphan. Outputs are written atomically (``nnbp.files``), so whatever was there before is left
+as it was, or the whole new group is in place.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
+import threading
+import time
+import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import click
 
 from ..errors import UserError, one_line
+from ..kernels import KernelWarning
 from .parent import end_with_dvc
 
 if TYPE_CHECKING:  # a stage that draws no progress loads none of the formats
@@ -32,6 +51,9 @@ if TYPE_CHECKING:  # a stage that draws no progress loads none of the formats
 
 INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 TERMINATED = 143  # 128 + SIGTERM
+STATUS = {signal.SIGINT: INTERRUPTED, signal.SIGTERM: TERMINATED}
+FORCE_SECONDS = 8.0  # after a signal: a stage still running is interrupted where it is
+EXIT_SECONDS = 9.5  # after a signal: the process ends, whatever it is doing
 
 
 class Terminated(KeyboardInterrupt):
@@ -43,25 +65,90 @@ class _Interrupted(Exception):
     it into ``Abort`` after printing an empty line)."""
 
 
-def _sigterm(signum: int, frame: Any) -> None:
-    # One SIGTERM is enough: a second (DVC's own and the parent-death signal can both arrive)
-    # must not cut short the cleanup the first one started, such as closing the run as KILLED.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise Terminated
+class _SignalPath:
+    """This process's one handler of SIGINT and SIGTERM, while a command runs."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None  # the first signal, once one came
+        self.at_once = True  # a tool: raise where the signal lands
+        self.forced = False  # the stage overran FORCE_SECONDS: raise where it is
+
+    def handle(self, signum: int, frame: Any) -> None:
+        if self.signum is None:
+            self.signum = signum
+            threading.Thread(target=self._watch, name="nnbp-signal", daemon=True).start()
+            if self.at_once:
+                raise self.stop()
+        elif self.forced and signum == self.signum:
+            raise self.stop()
+
+    def stop(self) -> KeyboardInterrupt:
+        return Terminated() if self.signum == signal.SIGTERM else KeyboardInterrupt()
+
+    def _watch(self) -> None:
+        """The bound on a stop: interrupt the main thread where it is, then end the process."""
+        signum = self.signum
+        assert signum is not None
+        time.sleep(FORCE_SECONDS)
+        self.forced = True
+        with contextlib.suppress(OSError):
+            signal.pthread_kill(threading.main_thread().ident or 0, signum)
+        time.sleep(EXIT_SECONDS - FORCE_SECONDS)
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        name = signal.Signals(signum).name
+        os.write(2, f"{name}: still running {EXIT_SECONDS:g} s after the signal; ended\n".encode())
+        os._exit(STATUS.get(signum, 1))
+
+
+_PATH = _SignalPath()
+
+
+def stop_point() -> None:
+    """Where a stage may stop: raise ``KeyboardInterrupt`` (SIGINT) or ``Terminated`` (SIGTERM)
+    if a signal came, else nothing."""
+    if _PATH.signum is not None:
+        raise _PATH.stop()
+
+
+def stopping() -> bool:
+    """Whether a signal asked this command to stop."""
+    return _PATH.signum is not None
 
 
 @contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM raises ``Terminated`` inside the block (the previous handler is restored)."""
-    try:
-        previous = signal.signal(signal.SIGTERM, _sigterm)
-    except ValueError:  # not the main thread: signals cannot be handled here
+def _signal_path(at_once: bool) -> Iterator[None]:
+    """SIGINT and SIGTERM handled by ``_PATH`` inside the block; the previous handlers after it
+    (in the main thread only: elsewhere signals cannot be handled)."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
+    _PATH.signum, _PATH.at_once, _PATH.forced = None, at_once, False
+    previous = {s: signal.signal(s, _PATH.handle) for s in STATUS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """nnbp's own warnings as one line ``warning: ...``; any other as Python shows it."""
+    shown = warnings.showwarning
+
+    def show(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        if issubclass(category, KernelWarning):
+            click.echo(f"warning: {one_line(message)}", err=True)
+        else:
+            shown(message, category, *args, **kwargs)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
 
 
 def _fail(message: object, status: int = 1) -> None:
@@ -70,10 +157,10 @@ def _fail(message: object, status: int = 1) -> None:
     sys.exit(status)
 
 
-def _interrupted(e: BaseException) -> None:
+def _interrupted(e: BaseException | None = None) -> None:
     """Report an interruption in one line and exit 130 (Ctrl-C) or 143 (SIGTERM)."""
-    chain = (e, e.__cause__, e.__context__)
-    if any(isinstance(x, Terminated) for x in chain):
+    chain = (e, e.__cause__, e.__context__) if e is not None else ()
+    if _PATH.signum == signal.SIGTERM or any(isinstance(x, Terminated) for x in chain):
         click.echo("terminated (SIGTERM): stopped; no output is half-written", err=True)
         sys.exit(TERMINATED)
     click.echo("interrupted (Ctrl-C): stopped; no output is half-written", err=True)
@@ -82,6 +169,8 @@ def _interrupted(e: BaseException) -> None:
 
 class Command(click.Command):
     """A command whose every error ends in one line on stderr and a non-zero exit."""
+
+    at_once = True  # a signal stops it where it lands (a stage: at its stop points)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -100,25 +189,42 @@ class Command(click.Command):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
-            with _sigterm_interrupts():
+            with _signal_path(self.at_once), _one_line_warnings():
                 status = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except click.ClickException as e:  # UsageError (exit 2) included
-            _fail(e.format_message(), e.exit_code)
-        except UserError as e:
-            _fail(e, e.exit_code)
-        except OSError as e:
-            _fail(f"{e.filename}: {e.strerror or e}" if e.filename else (e.strerror or e))
-        except MemoryError:
-            _fail("out of memory: the data or the network is too large for this machine")
+            # Once the previous handlers are back, so that no signal goes unanswered: one that
+            # came while the command had no point to stop at (its outputs are whole), or later.
+            stop_point()
         except _Interrupted as e:
             _interrupted(e.__cause__ or e)
         except (click.Abort, KeyboardInterrupt) as e:  # outside the callback
             _interrupted(e)
+        except (click.ClickException, UserError, OSError, MemoryError) as e:
+            if stopping():  # an error on the way out of a stop: the stop is what happened
+                _interrupted(e)
+            _fail(*_error_line(e))
+        except Exception as e:
+            if stopping():
+                _interrupted(e)
+            raise
         sys.exit(status if isinstance(status, int) else 0)
 
 
+def _error_line(e: click.ClickException | UserError | OSError | MemoryError) -> tuple[str, int]:
+    """The one line (without ``Error: ``) and the exit status of a command's error."""
+    if isinstance(e, click.ClickException):  # UsageError (exit 2) included
+        return e.format_message(), e.exit_code
+    if isinstance(e, UserError):
+        return str(e), e.exit_code
+    if isinstance(e, OSError):
+        return (f"{e.filename}: {e.strerror or e}" if e.filename else str(e.strerror or e)), 1
+    return "out of memory: the data or the network is too large for this machine", 1
+
+
 class Stage(Command):
-    """A DVC stage's script: under DVC, it ends with DVC (``end_with_dvc``)."""
+    """A DVC stage's script: under DVC, it ends with DVC (``end_with_dvc``); a signal stops it at
+    its next stop point (``stop_point``)."""
+
+    at_once = False
 
     def invoke(self, ctx: click.Context) -> Any:
         end_with_dvc()  # SIGTERM, handled like any other, when DVC dies

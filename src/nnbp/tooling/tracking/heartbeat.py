@@ -25,6 +25,7 @@ MACHINE_TAG = "nnbp.machine"
 MACHINE_ENV = "NNBP_MACHINE"
 INTERVAL_ENV, INTERVAL = "NNBP_HEARTBEAT_SECONDS", 30.0
 TIMEOUT_ENV, TIMEOUT = "NNBP_HEARTBEAT_TIMEOUT", 600.0
+JOIN_SECONDS = 1.0  # a beat in flight to a store that does not answer is not waited for
 
 
 def _seconds(env: str, default: float) -> float:
@@ -87,4 +88,4 @@ class Heartbeat:
         """No beat after the run ends (a beat in flight is waited for only briefly: a dead
         store must not hold the process)."""
         self._stopped.set()
-        self._thread.join(timeout=2)
+        self._thread.join(timeout=JOIN_SECONDS)

@@ -36,6 +36,7 @@ PACKAGE = "nnbp_model"  # the copy of nnbp's modules logged with the model
 # each imports only these (relatively).
 MODULES = (
     "__init__",
+    "kernels",
     "errors",
     "files",
     "archive",
@@ -63,6 +64,9 @@ class Network(PythonModel):
         artifacts = importlib.import_module(f"{PACKAGE}.artifacts")
         self.backprop = importlib.import_module(f"{PACKAGE}.backprop")
         self.model = artifacts.TrainedModel.load(context.artifacts[WEIGHTS])
+        # As training does: one warning line when the kernels here are not the pinned family
+        # (MLflow loads NumPy before this code, so they are not, unless the environment asks).
+        importlib.import_module(f"{PACKAGE}.kernels").check()
 
     # MLflow reads the input's type hint: np.ndarray asks for no schema of its own (the logged
     # signature is the schema), where no hint at all draws a warning.

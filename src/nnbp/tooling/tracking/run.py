@@ -2,11 +2,14 @@
 an error, KILLED on Ctrl-C or SIGTERM. With tracking off (``NNBP_TRACKING=off``) ``Run.start``
 gives a run that is not ``enabled``: every call does nothing, and MLflow is not even imported.
 
-Tracking never costs a training result: the store is checked before training starts; a
-transient store error is retried (``retry``); if live logging still fails, training goes on, the
-run keeps its whole history and sends it again when it ends, and whatever still cannot be sent is
-named in one line. A run records its process and keeps a heartbeat (``orphans``, ``heartbeat``)
-so that it is never left RUNNING for good, whichever machine it ran on.
+Tracking never costs a training result, nor holds the stage: the store is checked before training
+starts; every call to it is made by the run's own thread (``sender``), in order, within the
+budgets of ``retry`` (a call, the run's opening, all it sends after training, its KILLED status),
+and the main thread waits for it only to open and to close the run, watching for a signal
+meanwhile. If live logging fails, training goes on, the run keeps its whole history and
+sends it again when it ends, and whatever still cannot be sent is named in one line. A run
+records its process and keeps a heartbeat (``orphans``, ``heartbeat``) so that it is never left
+RUNNING for good, whichever machine it ran on.
 
 What a run holds: the training parameters (``training_params``), the training and test sets as
 dataset inputs, the metrics at every log point and the system metrics (``system``), the
@@ -37,7 +40,16 @@ from ...files import file_md5
 from .. import git
 from .heartbeat import Heartbeat, interval, machine, timeout
 from .orphans import close_orphans, orphan_note, process_tags
-from .retry import retrying
+from .retry import (
+    END_SECONDS,
+    KILL_SECONDS,
+    OutOfTime,
+    describe,
+    is_transient,
+    retrying,
+    start_seconds,
+)
+from .sender import Call, Sender, Unsent
 from .store import TrackingError, check_store, open_experiment, tracking_uri
 from .system import sampling
 
@@ -86,19 +98,17 @@ def training_params(
 ) -> dict[str, Any]:
     """What a training run logs as params: every training parameter of the schema, the layers,
     the data, and how it ran (threads, and the BLAS kernels that ran, on which the last bits
-    depend)."""
-    from threadpoolctl import threadpool_info
-
+    depend: ``nnbp.kernels``, which the model file records too)."""
+    from ...kernels import in_use
     from ...parallel import thread_count
 
-    blas = [i for i in threadpool_info() if i.get("user_api") == "blas"]
     values = {k: list(v) if isinstance(v, tuple) else v for k, v in config.model_dump().items()}
     return {
         "config": values.pop("name"),
         "sizes": "-".join(map(str, [data.features, *config.hidden, data.classes])),
         **values,
         "threads": thread_count(threads, config.blocks),
-        "blas_kernels": blas[0].get("architecture", "?") if blas else "?",
+        "blas_kernels": in_use(),
         "data_path": data_path,
         "data_md5": file_md5(data_path),
         "n_train": data.X_train.shape[1],
@@ -110,14 +120,24 @@ class Run:
     """One MLflow run of a configuration; ``Run.start`` opens it. Not ``enabled`` (tracking off):
     every call does nothing."""
 
-    def __init__(self, client: Any, run_id: str, name: str, uri: str, beat_every: float) -> None:
+    def __init__(
+        self,
+        client: Any,
+        run_id: str,
+        name: str,
+        uri: str,
+        beat_every: float,
+        sender: Sender | None = None,
+        stop_check: Callable[[], None] | None = None,
+    ) -> None:
         self._client, self.run_id, self.name, self._uri = client, run_id, name, uri
+        self._sender, self._stop_check = sender, stop_check
         self._history: list[Any] = []  # every metric logged, with its timestamp, in order
         self._live = True  # False once live logging gave up: the rest waits for end()
-        self._unsent: list[str] = []  # what end() could not deliver either
-        # training and the system metrics' thread both log; a signal handler ending the run may
-        # interrupt the main thread inside log_metrics
-        self._logging = threading.RLock()
+        self._reported: list[Call] = []  # calls whose failure end() names
+        self._end_by: float | None = None  # when all that follows training must be sent
+        self._down = False  # a call of the run's end found the store not answering
+        self._lock = threading.Lock()  # training and the system metrics' thread both log
         self._heartbeat = Heartbeat(client, run_id, beat_every) if client is not None else None
 
     @property
@@ -126,11 +146,17 @@ class Run:
 
     @classmethod
     def start(
-        cls, name: str, params: Mapping[str, Any], tags: Mapping[str, str] | None = None
+        cls,
+        name: str,
+        params: Mapping[str, Any],
+        tags: Mapping[str, str] | None = None,
+        *,
+        stop_check: Callable[[], None] | None = None,
     ) -> Run:
         """Open a run of configuration ``name`` with ``params`` and tags (``run_tags``), after
         closing the runs left RUNNING by processes that are gone; a run that is not enabled when
-        tracking is off.
+        tracking is off. ``stop_check`` is called while the run waits for the store (it may
+        raise to stop the wait: a stage's signal path, ``nnbp.tooling.cli.stop_point``).
 
         Raises ``TrackingError`` (one line) when the store cannot be used, before any training.
         """
@@ -138,14 +164,37 @@ class Run:
         if uri is None:
             return cls(None, "", name, "", 0.0)
         beat_every, stale_after = interval(), timeout()  # bad settings: one line, no request
-        check_store(uri)
+        budget = start_seconds(uri)
+        sender = Sender()
+        creating = threading.Event()  # the opening is past its last point of giving up
+        opening = sender.submit(
+            _open,
+            uri,
+            name,
+            dict(params),
+            dict(tags or {}),
+            stale_after,
+            creating,
+            seconds=budget,
+        )
         try:
-            client, experiment_id = open_experiment(uri)
-            _close_orphans_before(client, experiment_id, name, stale_after)
-            run_id = _create(client, experiment_id, run_name(name), params, run_tags(tags))
-        except Exception as e:
-            raise TrackingError(f"MLflow store {uri} cannot be used: {first_line(e)}") from None
-        return cls(client, run_id, name, uri, beat_every)
+            opened = sender.wait([opening], time.monotonic() + budget, stop_check)
+        except KeyboardInterrupt:
+            opening.cancel.set()  # before reading ``creating``: see _open
+            # A run being created is closed as KILLED, if the store answers in time; an
+            # opening not that far gives up by itself, and the stage need not wait for it.
+            sender.close(time.monotonic() + (KILL_SECONDS if creating.is_set() else 0.0))
+            raise
+        if not opened or opening.error is not None:
+            sender.close(time.monotonic())
+        if not opened:
+            raise TrackingError(f"MLflow store {uri} cannot be used: no answer within {budget:g} s")
+        if isinstance(opening.error, TrackingError):
+            raise opening.error
+        if opening.error is not None:
+            raise TrackingError(f"MLflow store {uri} cannot be used: {first_line(opening.error)}")
+        client, run_id = opening.value
+        return cls(client, run_id, name, uri, beat_every, sender, stop_check)
 
     def __enter__(self) -> Run:
         return self
@@ -161,35 +210,76 @@ class Run:
         else:
             self.end("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
 
-    def _send(self, fn: Callable[..., Any], *args: Any) -> str | None:
-        """``fn(*args)`` with retries of transient errors; the error's first line if it fails."""
+    def _submit(self, fn: Callable[..., Any], *args: Any, label: str) -> Call:
+        """Hand ``fn(*args)`` to the run's thread (``_sending``); named by end() if it fails."""
+        assert self._sender is not None
+        call = self._sender.submit(self._sending, fn, *args, label=label)
+        self._reported.append(call)
+        return call
+
+    def _sending(
+        self, fn: Callable[..., Any], *args: Any, deadline: float, cancel: threading.Event
+    ) -> Any:
+        """``fn(*args)``, retried until ``deadline``; but once a call of the run's end has spent
+        its retries on a store that does not answer, each other makes one attempt (it goes
+        through if the store is back, and costs a moment if not)."""
+        delays = () if self._down else None
         try:
-            retrying(fn, *args)
-            return None
+            return retrying(fn, *args, delays=delays, deadline=deadline, cancel=cancel)
         except Exception as e:
-            return first_line(e)
+            if self._end_by is not None and is_transient(e):
+                self._down = True
+            raise
+
+    def _closing(self) -> None:
+        """Training has ended: all that is still to send gets ``END_SECONDS`` from now."""
+        if self._end_by is None and self._sender is not None:
+            self._end_by = time.monotonic() + END_SECONDS
+            self._sender.cap(self._end_by)
 
     def log_point(self, point: LogPoint) -> None:
         """A log point's metrics, at its iteration."""
         self.log_metrics(dataclasses.asdict(point.scores), step=point.iteration)
 
     def log_metrics(self, metrics: Mapping[str, float | None], step: int) -> None:
-        """Log a point live; if the store stays unusable, keep it for ``end`` to resend."""
+        """Log a point live, without waiting for the store; if it stays unusable, the point is
+        kept for ``end`` to resend."""
         if not self.enabled:
             return
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
-        with self._logging:
+        with self._lock:
             self._history.extend(batch)
-            if self._live and (error := self._send(self._client.log_batch, self.run_id, batch)):
-                self._live = False
-                print(
-                    f"warning: MLflow logging failed ({error}); training goes on, and its "
-                    "metrics will be sent again when the run ends",
-                    file=sys.stderr,
-                )
+            if self._live:
+                assert self._sender is not None
+                self._sender.submit(self._send_live, batch, label="live metrics")
+
+    def _send_live(self, batch: list[Any], *, deadline: float, cancel: threading.Event) -> None:
+        if not self._live:
+            return  # given up: end() resends the whole history
+        try:
+            retrying(self._client.log_batch, self.run_id, batch, deadline=deadline, cancel=cancel)
+        except Exception as e:
+            self._live = False
+            if self._end_by is not None:
+                return  # training is over: the run's last line names what is missing
+            print(
+                f"warning: MLflow logging failed ({describe(e)}); training goes on, and its "
+                "metrics will be sent again when the run ends",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def flush(self, seconds: float) -> bool:
+        """Wait until everything handed to the run so far is sent, or given up, for ``seconds``
+        at most; whether it all is."""
+        if not self.enabled:
+            return True
+        assert self._sender is not None
+        mark = self._sender.submit(lambda *, deadline, cancel: None)
+        return self._sender.wait([mark], time.monotonic() + seconds, self._stop_check)
 
     def system_metrics(self) -> contextlib.AbstractContextManager[None]:
         """While the block runs, the machine's and this process's CPU and memory, logged as
@@ -200,15 +290,16 @@ class Run:
         """The file ``path`` as an artifact of the run, in ``folder``."""
         if not self.enabled:
             return
-        if error := self._send(self._client.log_artifact, self.run_id, str(path), folder):
-            self._unsent.append(f"artifact {Path(path).name} ({error})")
+        self._closing()
+        label = f"artifact {Path(path).name}"
+        self._submit(self._client.log_artifact, self.run_id, str(path), folder, label=label)
 
     def log_figure(self, figure: Any, path: str) -> None:
         """A matplotlib figure as the PNG artifact ``path``."""
         if not self.enabled:
             return
-        if error := self._send(self._client.log_figure, self.run_id, figure, path):
-            self._unsent.append(f"figure {path} ({error})")
+        self._closing()
+        self._submit(self._client.log_figure, self.run_id, figure, path, label=f"figure {path}")
 
     def log_datasets(self, data_path: str, data: Prepared) -> None:
         """Log the training and test sets (contexts ``training``, ``test``) as dataset inputs
@@ -217,8 +308,7 @@ class Run:
         if not self.enabled:
             return
         splits = {"training": (data.X_train.T, data.y_train), "test": (data.X_test.T, data.y_test)}
-        if error := self._send(self._log_datasets, data_path, splits):
-            self._unsent.append(f"the datasets ({error})")
+        self._submit(self._log_datasets, data_path, splits, label="the datasets")
 
     def _log_datasets(
         self, data_path: str, splits: Mapping[str, tuple[np.ndarray, np.ndarray]]
@@ -252,54 +342,156 @@ class Run:
             return
         from .mlflow_model import log_model
 
+        self._closing()
         model = (self._uri, self.run_id, self.name, weights_path, input_example, step)
-        if error := self._send(log_model, *model):
-            self._unsent.append(f"the MLflow Model ({error})")
+        self._submit(log_model, *model, label="the MLflow Model")
+
+    def _resend(self, *, deadline: float, cancel: threading.Event) -> None:
+        """The whole metric history again, if live logging broke (identical points are stored
+        once, so this cannot duplicate); ``Unsent`` naming the steps that could not be sent."""
+        if self._live:
+            return
+        with self._lock:
+            history = list(self._history)
+        for i in range(0, len(history), BATCH):
+            try:
+                chunk = history[i : i + BATCH]
+                log_batch = self._client.log_batch
+                self._sending(log_batch, self.run_id, chunk, deadline=deadline, cancel=cancel)
+            except Exception as e:
+                steps = sorted({m.step for m in history[i:]})
+                raise Unsent(f"metrics at steps {steps[0]}..{steps[-1]}", describe(e)) from e
 
     def end(self, status: str = "FINISHED") -> None:
-        """Close the run as FINISHED, FAILED or KILLED, after resending the whole metric history
-        if live logging broke (identical points are stored once, so this cannot duplicate).
-        Whatever still cannot be sent is named in one warning line."""
+        """Close the run as FINISHED, FAILED or KILLED: what is still queued is sent, then the
+        metric history if live logging broke, then the status, within ``END_SECONDS`` of the end
+        of training; KILLED, the status first, within ``KILL_SECONDS``, and nothing else that
+        waits. Whatever could not be sent is named in one warning line. A signal while the run
+        waits closes it as KILLED, and is raised."""
         if not self.enabled:
             return
+        assert self._heartbeat is not None and self._sender is not None
         self._heartbeat.stop()
-        if not self._live:
-            for i in range(0, len(self._history), BATCH):
-                chunk = self._history[i : i + BATCH]
-                if error := self._send(self._client.log_batch, self.run_id, chunk):
-                    steps = sorted({m.step for m in self._history[i:]})
-                    self._unsent.append(f"metrics at steps {steps[0]}..{steps[-1]} ({error})")
-                    break
-        if error := self._send(self._client.set_terminated, self.run_id, status):
-            self._unsent.append(
-                f"its {status} status, so it shows RUNNING until the next training run or "
-                f"`nnbp-close-orphans` closes it as FAILED ({error})"
-            )
-        if self._unsent:
+        if status == "KILLED":
+            self._kill()
+            return
+        self._closing()
+        assert self._end_by is not None
+        self._reported.append(self._sender.submit(self._resend, label="metrics not sent live"))
+        self._submit(self._client.set_terminated, self.run_id, status, label=_status_label(status))
+        try:
+            self._sender.wait(self._reported, self._end_by, self._stop_check)
+        except KeyboardInterrupt:
+            self._kill()
+            raise
+        self._report()
+        self._sender.close(self._end_by)
+
+    def _kill(self) -> None:
+        """The KILLED status first, then the history if live logging broke, within
+        ``KILL_SECONDS``; what waited in the queue is given up."""
+        assert self._sender is not None
+        until = time.monotonic() + KILL_SECONDS
+        self._end_by = until
+        self._sender.cap(until)
+        self._sender.drop_pending("the run was stopped first")
+        closed = self._submit(
+            self._client.set_terminated, self.run_id, "KILLED", label=_status_label("KILLED")
+        )
+        resend = self._sender.submit(self._resend, label="metrics not sent live")
+        self._reported.append(resend)
+        self._sender.wait([closed, resend], until)
+        self._report()
+        self._sender.close(until)
+
+    def _report(self) -> None:
+        """One warning line naming what could not be sent, if anything, grouped by why."""
+        unsent: dict[str, list[str]] = {}
+        for call in self._reported:
+            if failure := call.failure():
+                what, why = failure
+                unsent.setdefault(why, []).append(what)
+        self._reported = []
+        if unsent:
+            groups = "; ".join(f"{_listed(what)} ({why})" for why, what in unsent.items())
             print(
                 f"warning: MLflow run {self.name} ({self.run_id}) is incomplete: could not send "
-                f"{'; '.join(self._unsent)}; the stage's outputs are written all the same",
+                f"{groups}; the stage's outputs are written all the same",
                 file=sys.stderr,
+                flush=True,
             )
+
+
+def _listed(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
+
+
+def _status_label(status: str) -> str:
+    return (
+        f"its {status} status, so it shows RUNNING until the next training run or "
+        "`nnbp-close-orphans` closes it as FAILED"
+    )
+
+
+def _open(
+    uri: str,
+    name: str,
+    params: Mapping[str, Any],
+    tags: Mapping[str, str],
+    stale_after: float,
+    creating: threading.Event,
+    *,
+    deadline: float,
+    cancel: threading.Event,
+) -> tuple[Any, str]:
+    """(a client of ``uri``, a new RUNNING run's id), after the store's check and closing the
+    orphans; in the run's thread. ``TrackingError`` (one line) if the store cannot be used.
+    ``creating`` is set before ``cancel`` is read, and the main thread sets ``cancel`` before it
+    reads ``creating``: either the run is not created, or the main thread waits for it."""
+    check_store(uri)
+    try:
+        client, experiment_id = open_experiment(uri, deadline=deadline)
+        _close_orphans_before(client, experiment_id, name, stale_after)
+        creating.set()
+        if cancel.is_set():  # a signal: no run to open, nor to close
+            raise OutOfTime("the run was stopped first")
+        run_id = _create(
+            client, experiment_id, run_name(name), params, run_tags(tags), deadline, cancel
+        )
+    except Exception as e:
+        raise TrackingError(f"MLflow store {uri} cannot be used: {describe(e)}") from None
+    return client, run_id
 
 
 def _create(
-    client: Any, experiment_id: str, name: str, params: Mapping[str, Any], tags: dict[str, str]
+    client: Any,
+    experiment_id: str,
+    name: str,
+    params: Mapping[str, Any],
+    tags: dict[str, str],
+    deadline: float,
+    cancel: threading.Event,
 ) -> str:
     """A new RUNNING run with ``params``; its id. A run whose params could not be logged is
-    closed at once (KILLED on Ctrl-C, else FAILED), never left RUNNING."""
+    closed at once as FAILED, and one whose opening was given up (``cancel``: a signal) as
+    KILLED: never left RUNNING."""
     from mlflow.entities import Param
 
-    run = retrying(client.create_run, experiment_id, run_name=name, tags=tags)
+    run = retrying(
+        client.create_run, experiment_id, run_name=name, tags=tags, deadline=deadline, cancel=cancel
+    )
+    run_id = run.info.run_id
     try:
         batch = [Param(k, str(v)) for k, v in params.items()]
-        retrying(client.log_batch, run.info.run_id, params=batch)
-    except BaseException as e:
-        status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+        retrying(client.log_batch, run_id, params=batch, deadline=deadline, cancel=cancel)
+    except BaseException:
         with contextlib.suppress(Exception):
-            client.set_terminated(run.info.run_id, status)
+            client.set_terminated(run_id, "KILLED" if cancel.is_set() else "FAILED")
         raise
-    return run.info.run_id
+    if cancel.is_set():
+        with contextlib.suppress(Exception):
+            client.set_terminated(run_id, "KILLED")
+    return run_id
 
 
 def _close_orphans_before(client: Any, experiment_id: str, name: str, stale_after: float) -> None:

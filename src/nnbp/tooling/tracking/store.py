@@ -27,7 +27,7 @@ from typing import Any
 
 from ...errors import UserError, one_line
 from .. import git
-from .retry import retrying
+from .retry import REQUEST_SECONDS, retrying
 
 EXPERIMENT = "tp5-neural-networks"
 OPT_OUT = "NNBP_TRACKING"
@@ -42,12 +42,17 @@ EXPERIMENT_TAGS = {
 WEIGHTS_MD5_TAG = "nnbp.weights_md5"  # on each LoggedModel: the MD5 of the file DVC tracks
 # Set before MLflow is imported (a user's own setting wins). MLflow logs at INFO by default
 # ("Creating initial MLflow database tables..."), which would wrap a one-line error; and its HTTP
-# client retries for minutes, where a dead server should cost seconds.
+# client retries for minutes and waits 120 s for an answer, where a dead or frozen server should
+# cost seconds: a request gets REQUEST_SECONDS, and the retries are ours, within a call's budget
+# (``retry``).
 MLFLOW_DEFAULTS = {
     "MLFLOW_LOGGING_LEVEL": "WARNING",
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": str(REQUEST_SECONDS),
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # model logging would print bars
+    # A server's client prints a run's link on every status it sets, after one more request:
+    # closing a run (or an orphan) is then one request, and the stage's output its own.
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
 }
 
 
@@ -76,7 +81,8 @@ def check_store(uri: str) -> None:
     answers and takes the credentials, or a SQLite file that can be written."""
     if uri.startswith(("http://", "https://")):
         try:
-            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5) as response:
+            health = f"{uri.rstrip('/')}/health"
+            with urllib.request.urlopen(health, timeout=REQUEST_SECONDS) as response:
                 response.read()
         except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
             reason = getattr(e, "reason", e)
@@ -113,7 +119,7 @@ def _check_credentials(uri: str) -> None:
         pair = base64.b64encode(f"{user}:{password}".encode()).decode()
         request.add_header("Authorization", f"Basic {pair}")
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:
+        with urllib.request.urlopen(request, timeout=REQUEST_SECONDS) as response:
             response.read()
     except urllib.error.HTTPError as e:
         if e.code == 401:
@@ -179,12 +185,12 @@ def _initialising(uri: str) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def open_experiment(uri: str) -> tuple[Any, str]:
+def open_experiment(uri: str, deadline: float | None = None) -> tuple[Any, str]:
     """(a client of ``uri``, the project's experiment id), the experiment created and tagged on
-    first use (a parallel creator may win the race)."""
+    first use (a parallel creator may win the race); retried until ``deadline`` at most."""
     with _initialising(uri):  # the first use of a store creates its tables
         mlflow = client(uri)
-        return mlflow, retrying(_experiment_id, mlflow, uri)
+        return mlflow, retrying(_experiment_id, mlflow, uri, deadline=deadline)
 
 
 def find_experiment(uri: str) -> tuple[Any, str | None]:

@@ -2,8 +2,10 @@
 many cores and how much memory the run's own process used, sampled in a thread while it trains
 and logged as ``system/...`` metrics (the UI's *System metrics*).
 
-They go through the run's own ``log_metrics``, so a store that fails costs what any metric costs
-(one warning line, sent again when the run ends), never the training. The sampling interval
+They go through the run's own ``log_metrics``, which hands them to the run's thread without
+waiting, so a store that fails or does not answer costs what any metric costs (one warning line,
+sent again when the run ends), never the training, and the sampling thread ends as soon as it is
+told to (it is waited for ``JOIN_SECONDS`` at most). The sampling interval
 and how many samples make one logged point are MLflow's own settings
 (``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``, ``MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING``).
 The last point is logged when training ends, so even a run of a second has one. Sampling reads
@@ -23,6 +25,7 @@ PREFIX = "system/"
 SAMPLING_SECONDS = 2.0  # MLflow's default is 10 s: a default run trains for 10 to 25 s
 SAMPLES_PER_POINT = 1
 MIN_STRETCH_SECONDS = 0.5
+JOIN_SECONDS = 1.0  # a sample reads /proc: the thread is never busy for long
 
 
 def _monitors() -> list[Any]:
@@ -107,7 +110,7 @@ def sampling(
         yield
     finally:
         done.set()
-        thread.join()
+        thread.join(JOIN_SECONDS)
         # The stretch since the last sample, unless it is too short to measure a CPU share
         # (psutil reads 0 % over a few milliseconds).
         if time.monotonic() - last >= MIN_STRETCH_SECONDS or step + samples == 0:
