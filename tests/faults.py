@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
-from tests.project import BIN, ROOT, clean_env, tracked_env
+from tests.project import ROOT, clean_env
 from tests.servers import alive
 
 T = TypeVar("T")
@@ -85,18 +85,6 @@ def in_parallel(*calls: Callable[[], T]) -> list[T]:
     if errors:
         raise errors[0]
     return [results[i] for i in range(len(calls))]
-
-
-def close_orphans(root: Path, uri: str) -> subprocess.CompletedProcess[str]:
-    """``nnbp-close-orphans`` against ``uri``, as a user runs it in ``root``."""
-    return subprocess.run(
-        [str(BIN / "nnbp-close-orphans")],
-        cwd=root,
-        env=tracked_env(uri),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 # --- the emulated-CPU pipeline -------------------------------------------------------------

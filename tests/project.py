@@ -136,6 +136,11 @@ def dvc_attempt(
     return sh(repo, env, "dvc", *args, ok=False, timeout=timeout)
 
 
+def close_orphans(root: Path, uri: str) -> subprocess.CompletedProcess[str]:
+    """``nnbp-close-orphans`` against ``uri``, as a user runs it in ``root``."""
+    return attempt([str(BIN / "nnbp-close-orphans")], root, tracked_env(uri), 120)
+
+
 def wait_for_queue(repo: Path, env: Mapping[str, str] | None = None, timeout=600) -> str:
     """Poll `dvc queue status` until nothing is queued or running, then stop the queue's
     workers (`dvc queue stop`: they would outlive the test); its last status."""

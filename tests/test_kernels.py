@@ -22,7 +22,7 @@ import pytest
 from nnbp.artifacts import TrainedModel
 from nnbp.kernels import FAMILY
 from tests.faults import run_pipeline
-from tests.project import ROOT, clean_env, project_files, sha256
+from tests.project import ROOT, attempt, clean_env, project_files, sha256
 from tests.servers import missing
 
 # The library as a notebook uses it, NumPy imported first: a tiny training twice.
@@ -53,14 +53,7 @@ def _host_has_avx512() -> bool:
 def test_numpy_imported_first_is_one_warning_line_and_the_model_names_its_kernels(
     tmp_path: Path,
 ):
-    proc = subprocess.run(
-        [sys.executable, "-c", LIBRARY],
-        cwd=tmp_path,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = attempt([sys.executable, "-c", LIBRARY], tmp_path, clean_env(), 120)
     assert proc.returncode == 0, proc.stderr
     kernels = {TrainedModel.load(tmp_path / f).kernels for f in ("first.npz", "second.npz")}
     assert len(kernels) == 1 and "OpenBLAS" in next(iter(kernels)), kernels

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.params import changed_params
-from tests.project import BIN, error_lines, run_stage, stage_cmd, tracked_env
+from tests.project import close_orphans, error_lines, run_stage, stage_cmd, tracked_env
 from tests.store import runs
 
 # A configuration that trains until stopped, logging every 1,000 iterations.
@@ -60,18 +60,6 @@ def _running_with_metrics(db: Path, known: set[str], proc: subprocess.Popen) -> 
                 return run.run_id
         time.sleep(0.2)
     raise AssertionError("training did not start in time")
-
-
-def _close_orphans(workspace: Path, uri: str) -> subprocess.CompletedProcess:
-    """The console script, as a user runs it."""
-    return subprocess.run(
-        [str(BIN / "nnbp-close-orphans")],
-        cwd=workspace,
-        env=tracked_env(uri),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def _statuses(db: Path) -> dict[str, str]:
@@ -135,14 +123,14 @@ def test_nnbp_close_orphans_closes_a_killed_run_and_says_so(
     trainings.append(dead)
     dead_run = _running_with_metrics(db, set(), dead)
     _kill_9(dead)
-    proc = _close_orphans(workspace, uri)
+    proc = close_orphans(workspace, uri)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [
         f"note: closed MLflow run 'long' ({dead_run[:8]}) as FAILED: its process {dead.pid} on "
         f"{_tags(db, dead_run)['nnbp.host']} is gone"
     ]
     assert _statuses(db) == {dead_run: "FAILED"}
-    again = _close_orphans(workspace, uri)
+    again = close_orphans(workspace, uri)
     assert again.stdout == f"{uri}: no orphaned run\n"
 
 

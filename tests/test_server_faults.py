@@ -26,9 +26,9 @@ import pytest
 
 from nnbp.artifacts import TrainedModel
 from nnbp.kernels import FAMILY
-from tests.faults import close_orphans, frozen, in_parallel
+from tests.faults import frozen, in_parallel
 from tests.params import set_params
-from tests.project import ROOT, clean_env, project_files
+from tests.project import ROOT, clean_env, close_orphans, project_files
 from tests.servers import start_server, stop_server
 from tests.store import init_store, runs
 

@@ -32,9 +32,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults import catches, close_orphans, frozen, in_parallel
+from tests.faults import catches, frozen, in_parallel
 from tests.params import set_params
-from tests.project import BIN, clean_env, copy_repo, sha256
+from tests.project import BIN, attempt, clean_env, close_orphans, copy_repo, sha256
 from tests.servers import alive, stage_processes, start_server, stop_server
 from tests.store import runs
 
@@ -85,14 +85,7 @@ RENAMES = textwrap.dedent(
 
 
 def test_a_signal_between_two_renames_waits_for_the_group(tmp_path: Path):
-    proc = subprocess.run(
-        [sys.executable, "-c", RENAMES],
-        cwd=tmp_path,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = attempt([sys.executable, "-c", RENAMES], tmp_path, clean_env(), 60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "stopped: new new", proc.stdout  # not lost, and not between
 

@@ -38,7 +38,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
@@ -151,10 +151,30 @@ def _one_line_warnings() -> Iterator[None]:
         warnings.showwarning = shown
 
 
+def _exit(status: int) -> NoReturn:
+    """``sys.exit(status)``; but while a thread of ours still runs (a tracking call left in
+    flight by a store that did not answer within its budget), the process ends at once, its
+    output flushed. Python's finalization would stop that thread wherever it is, and in a
+    library's C++ code (matplotlib drawing a run's figure) that aborts the process: exit -6,
+    "terminate called without an active exception", seen under load with a killed server."""
+    current = threading.current_thread()
+    left = [
+        t
+        for t in threading.enumerate()
+        if t.name.startswith("nnbp-") and t.name != "nnbp-signal" and t is not current
+    ]
+    if any(t.is_alive() for t in left):
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
 def _fail(message: object, status: int = 1) -> None:
     """``Error: message`` as one line on stderr, and exit with ``status``."""
     click.echo(f"Error: {one_line(message)}", err=True)
-    sys.exit(status)
+    _exit(status)
 
 
 def _interrupted(e: BaseException | None = None) -> None:
@@ -162,9 +182,9 @@ def _interrupted(e: BaseException | None = None) -> None:
     chain = (e, e.__cause__, e.__context__) if e is not None else ()
     if _PATH.signum == signal.SIGTERM or any(isinstance(x, Terminated) for x in chain):
         click.echo("terminated (SIGTERM): stopped; no output is half-written", err=True)
-        sys.exit(TERMINATED)
+        _exit(TERMINATED)
     click.echo("interrupted (Ctrl-C): stopped; no output is half-written", err=True)
-    sys.exit(INTERRUPTED)
+    _exit(INTERRUPTED)
 
 
 class Command(click.Command):
@@ -206,7 +226,7 @@ class Command(click.Command):
             if stopping():
                 _interrupted(e)
             raise
-        sys.exit(status if isinstance(status, int) else 0)
+        _exit(status if isinstance(status, int) else 0)
 
 
 def _error_line(e: click.ClickException | UserError | OSError | MemoryError) -> tuple[str, int]:
