@@ -444,10 +444,14 @@ def _open(
     deadline: float,
     cancel: threading.Event,
 ) -> tuple[Any, str]:
-    """(a client of ``uri``, a new RUNNING run's id), after the store's check and closing the
-    orphans; in the run's thread. ``TrackingError`` (one line) if the store cannot be used.
-    ``creating`` is set before ``cancel`` is read, and the main thread sets ``cancel`` before it
-    reads ``creating``: either the run is not created, or the main thread waits for it."""
+    """(a client of ``uri``, a new RUNNING run's id, its ``params`` logged), after the store's
+    check and closing the orphans; in the run's thread. ``TrackingError`` (one line) if the
+    store cannot be used. ``creating`` is set before ``cancel`` is read, and the main thread
+    sets ``cancel`` before it reads ``creating``: either the run is not created, or the main
+    thread waits for it. A run whose params could not be logged is closed at once as FAILED,
+    and one whose opening was given up (``cancel``: a signal) as KILLED: never left RUNNING."""
+    from mlflow.entities import Param
+
     check_store(uri)
     try:
         client, experiment_id = open_experiment(uri, deadline=deadline)
@@ -455,43 +459,28 @@ def _open(
         creating.set()
         if cancel.is_set():  # a signal: no run to open, nor to close
             raise OutOfTime("the run was stopped first")
-        run_id = _create(
-            client, experiment_id, run_name(name), params, run_tags(tags), deadline, cancel
+        run = retrying(
+            client.create_run,
+            experiment_id,
+            run_name=run_name(name),
+            tags=run_tags(tags),
+            deadline=deadline,
+            cancel=cancel,
         )
+        run_id = run.info.run_id
+        try:
+            batch = [Param(k, str(v)) for k, v in params.items()]
+            retrying(client.log_batch, run_id, params=batch, deadline=deadline, cancel=cancel)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                client.set_terminated(run_id, "KILLED" if cancel.is_set() else "FAILED")
+            raise
+        if cancel.is_set():
+            with contextlib.suppress(Exception):
+                client.set_terminated(run_id, "KILLED")
     except Exception as e:
         raise TrackingError(f"MLflow store {uri} cannot be used: {describe(e)}") from None
     return client, run_id
-
-
-def _create(
-    client: Any,
-    experiment_id: str,
-    name: str,
-    params: Mapping[str, Any],
-    tags: dict[str, str],
-    deadline: float,
-    cancel: threading.Event,
-) -> str:
-    """A new RUNNING run with ``params``; its id. A run whose params could not be logged is
-    closed at once as FAILED, and one whose opening was given up (``cancel``: a signal) as
-    KILLED: never left RUNNING."""
-    from mlflow.entities import Param
-
-    run = retrying(
-        client.create_run, experiment_id, run_name=name, tags=tags, deadline=deadline, cancel=cancel
-    )
-    run_id = run.info.run_id
-    try:
-        batch = [Param(k, str(v)) for k, v in params.items()]
-        retrying(client.log_batch, run_id, params=batch, deadline=deadline, cancel=cancel)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            client.set_terminated(run_id, "KILLED" if cancel.is_set() else "FAILED")
-        raise
-    if cancel.is_set():
-        with contextlib.suppress(Exception):
-            client.set_terminated(run_id, "KILLED")
-    return run_id
 
 
 def _close_orphans_before(client: Any, experiment_id: str, name: str, stale_after: float) -> None:
