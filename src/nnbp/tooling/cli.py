@@ -151,18 +151,28 @@ def _one_line_warnings() -> Iterator[None]:
         warnings.showwarning = shown
 
 
+_BEFORE: set[threading.Thread] = set()  # the threads alive when the command started
+GRACE_SECONDS = 1.0  # for a thread of the command that is ending as the command exits
+
+
 def _exit(status: int) -> NoReturn:
-    """``sys.exit(status)``; but while a thread of ours still runs (a tracking call left in
-    flight by a store that did not answer within its budget), the process ends at once, its
-    output flushed. Python's finalization would stop that thread wherever it is, and in a
-    library's C++ code (matplotlib drawing a run's figure) that aborts the process: exit -6,
-    "terminate called without an active exception", seen under load with a killed server."""
+    """``sys.exit(status)``; but while a thread the command started still runs (a tracking
+    call left in flight by a store that did not answer within its budget), the process ends at
+    once, its output flushed. Python's finalization would stop that thread wherever it is, and
+    in a library's C++ code (matplotlib drawing a run's figure) that aborts the process: exit
+    -6, "terminate called without an active exception", seen under load with a killed server."""
     current = threading.current_thread()
     left = [
         t
         for t in threading.enumerate()
-        if t.name.startswith("nnbp-") and t.name != "nnbp-signal" and t is not current
+        if t.name.startswith("nnbp-")
+        and t.name != "nnbp-signal"
+        and t is not current
+        and t not in _BEFORE
     ]
+    deadline = time.monotonic() + GRACE_SECONDS
+    for thread in left:
+        thread.join(max(0.0, deadline - time.monotonic()))
     if any(t.is_alive() for t in left):
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
@@ -208,6 +218,8 @@ class Command(click.Command):
     ) -> Any:
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        _BEFORE.clear()
+        _BEFORE.update(threading.enumerate())
         try:
             with _signal_path(self.at_once), _one_line_warnings():
                 status = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)

@@ -450,11 +450,10 @@ def _open(
     sets ``cancel`` before it reads ``creating``: either the run is not created, or the main
     thread waits for it. A run whose params could not be logged is closed at once as FAILED,
     and one whose opening was given up (``cancel``: a signal) as KILLED: never left RUNNING."""
-    from mlflow.entities import Param
-
     check_store(uri)
     try:
-        client, experiment_id = open_experiment(uri, deadline=deadline)
+        client, experiment_id = open_experiment(uri, deadline=deadline)  # MLflow's settings set
+        from mlflow.entities import Param
         _close_orphans_before(client, experiment_id, name, stale_after)
         creating.set()
         if cancel.is_set():  # a signal: no run to open, nor to close
