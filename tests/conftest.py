@@ -99,10 +99,12 @@ def team_tracking(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         stop_server(proc)
 
 
+@pytest.hookimpl(tryfirst=True)  # xdist's own hook reads the groups: after this one
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """pytest-xdist's groups (``--dist loadgroup``, pyproject.toml): a module's tests run in one
     worker, in order, sharing its module fixtures; the tests that read the shared ``pipeline``
-    all run in one worker, so that it is made once."""
+    all run in one worker, so that it is made once. (Without ``tryfirst``, or on pytest 9.2,
+    the groups were ignored: each worker made the module fixtures its tests needed.)"""
     for item in items:
         group = "pipeline" if "pipeline" in item.fixturenames else item.module.__name__
         item.add_marker(pytest.mark.xdist_group(group))
