@@ -454,6 +454,7 @@ def _open(
     try:
         client, experiment_id = open_experiment(uri, deadline=deadline)  # MLflow's settings set
         from mlflow.entities import Param
+
         _close_orphans_before(client, experiment_id, name, stale_after)
         creating.set()
         if cancel.is_set():  # a signal: no run to open, nor to close
