@@ -99,34 +99,15 @@ def team_tracking(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         stop_server(proc)
 
 
-# The groups that take longest, longest first: 2 to 4 minutes each in CI's log (commit 1e24d9b,
-# `--durations`); the rest take under 90 s.
-LONGEST = (
-    "tests.test_team_sweep",
-    "tests.test_cluster",
-    "pipeline",
-    "tests.test_experiments",
-    "tests.test_tracking_server",
-    "tests.test_signals",
-)
-
-
 @pytest.hookimpl(tryfirst=True)  # xdist's own hook reads the groups: after this one
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """pytest-xdist's groups (``--dist loadgroup``, pyproject.toml): a module's tests run in one
     worker, in order, sharing its module fixtures; the tests that read the shared ``pipeline``
     all run in one worker, so that it is made once. (Without ``tryfirst``, or on pytest 9.2,
-    the groups were ignored: each worker made the module fixtures its tests needed.)
-
-    The longest groups are handed out first (``LONGEST``), so that none starts last on a worker
-    while the others idle; the tests of a group keep their order."""
-    groups: dict[pytest.Item, str] = {}
+    the groups were ignored: each worker made the module fixtures its tests needed.)"""
     for item in items:
         group = "pipeline" if "pipeline" in item.fixturenames else item.module.__name__
         item.add_marker(pytest.mark.xdist_group(group))
-        groups[item] = group
-    rank = {group: i for i, group in enumerate(LONGEST)}
-    items.sort(key=lambda item: rank.get(groups[item], len(LONGEST)))  # stable
 
 
 def pytest_configure(config: pytest.Config) -> None:
