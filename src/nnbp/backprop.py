@@ -273,14 +273,38 @@ def forward(weights: Weights, X: np.ndarray) -> list[np.ndarray]:
     return [a[1:] for a in block.A] + [block.out]
 
 
+class Outputs:
+    """A network's outputs on one ``X`` ``(d, n)`` (with one-hot ``Y`` ``(K, n)``, for the
+    cost), in ``schedule``'s blocks, for weights that change (a training's log points): ``X`` is
+    copied into the blocks' buffers once. ``weights`` gives the shapes."""
+
+    def __init__(
+        self, weights: Weights, X: Array, Y: Array | None = None, schedule: Schedule = ONE_BLOCK
+    ) -> None:
+        W = list(weights)
+        Y = None if Y is None else np.asarray(Y, dtype=W[0].dtype)
+        self.parts = _blocks(W, np.asarray(X), Y, schedule.blocks, schedule.map_blocks)
+
+    def forward(self, weights: Weights) -> Outputs:
+        """The blocks' outputs for ``weights``, in place."""
+        W = list(weights)
+        with _quiet():
+            self.parts.run(lambda p: _forward(p, W))
+        return self
+
+    def cost(self, weights: Weights, lamb: float = 0.0) -> float:
+        """``loss`` of the last ``forward`` (its ``weights``)."""
+        return _cost(self.parts, weights, lamb)
+
+    def predictions(self) -> np.ndarray:
+        """``predict`` of the last ``forward``, shape ``(n,)``."""
+        return _predictions(self.parts)
+
+
 def _outputs(
     weights: Weights, X: np.ndarray, Y: np.ndarray | None, schedule: Schedule
 ) -> Blocks[Block]:
-    W = list(weights)
-    parts = _blocks(W, X, Y, schedule.blocks, schedule.map_blocks)
-    with _quiet():
-        parts.run(lambda p: _forward(p, W))
-    return parts
+    return Outputs(weights, X, Y, schedule).forward(weights).parts
 
 
 def _predictions(parts: Blocks[Block]) -> np.ndarray:
@@ -319,9 +343,8 @@ def loss_and_predictions(
     weights: Weights, X: Array, Y: Array, lamb: float = 0.0, schedule: Schedule = ONE_BLOCK
 ) -> tuple[float, np.ndarray]:
     """``loss(...)`` and ``predict(weights, X, ...)`` (same bits) from one forward pass."""
-    Y = np.asarray(Y, dtype=weights[0].dtype)
-    parts = _outputs(weights, X, Y, schedule)
-    return _cost(parts, weights, lamb), _predictions(parts)
+    outputs = Outputs(weights, X, Y, schedule).forward(weights)
+    return outputs.cost(weights, lamb), outputs.predictions()
 
 
 def gradients(

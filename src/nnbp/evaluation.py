@@ -3,13 +3,38 @@ training and once trained, and the test confusion matrix."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from .artifacts import Prepared, Scores, TrainedModel
-from .backprop import Weights, accuracy, loss_and_predictions, predict
+from .backprop import Outputs, Weights, accuracy, predict
 from .parallel import ONE_BLOCK, MapBlocks, Schedule, in_order
+
+
+def scorer(
+    weights: Weights,
+    X: np.ndarray,
+    Y: np.ndarray,
+    lamb: float,
+    X_test: np.ndarray | None = None,
+    y_test: np.ndarray | None = None,
+    schedule: Schedule = ONE_BLOCK,
+) -> Callable[[Weights], Scores]:
+    """``score`` with these data for any weights of ``weights``' shapes: the data copied into
+    the blocks once, not at every log point of a training."""
+    train = Outputs(weights, X, Y, schedule)
+    truth = np.argmax(Y, axis=0)
+    test = None if X_test is None or y_test is None else Outputs(weights, X_test, None, schedule)
+
+    def scores(W: Weights) -> Scores:
+        cost = train.forward(W).cost(W, lamb)  # one forward pass: the cost and the predictions
+        train_acc = accuracy(train.predictions(), truth)
+        test_acc = None if test is None else accuracy(test.forward(W).predictions(), y_test)
+        return Scores(cost, train_acc, test_acc)
+
+    return scores
 
 
 def score(
@@ -25,12 +50,7 @@ def score(
     with ``lamb`` and the accuracy; and the accuracy on the test set ``X_test`` ``(d, m)``,
     ``y_test`` ``(m,)`` class indices, if given. In training's blocks (``schedule``), so that
     the cost has the bits of the sums training makes."""
-    cost, predicted = loss_and_predictions(weights, X, Y, lamb, schedule)  # one forward pass
-    train_acc = accuracy(predicted, np.argmax(Y, axis=0))
-    test_acc = None
-    if X_test is not None and y_test is not None:
-        test_acc = accuracy(predict(weights, X_test, schedule), y_test)
-    return Scores(cost, train_acc, test_acc)
+    return scorer(weights, X, Y, lamb, X_test, y_test, schedule)(weights)
 
 
 @dataclass(frozen=True)

@@ -6,11 +6,11 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .artifacts import LogPoint, Prepared, TrainedModel
+from .artifacts import LogPoint, Prepared, Scores, TrainedModel
 from .backprop import Callback, DivergenceError, Weights, fit, init_weights
 from .config import FIT, RECORDED, Training
 from .errors import UserError
-from .evaluation import score
+from .evaluation import scorer
 from .kernels import check as check_kernels
 from .parallel import MapBlocks, Pool, Schedule, in_order, thread_count
 
@@ -38,11 +38,14 @@ def log_points(
     ``y_test`` ``(m,)``, in the training's ``blocks``. A non-finite cost raises
     ``DivergenceError`` at that iteration."""
     schedule = Schedule(blocks, map_blocks)
+    scoring: list[Callable[[Weights], Scores]] = []  # made at the first log point (its shapes)
 
     def callback(t: int, W: Weights) -> None:
         if t % log_every and t != iters:
             return
-        scores = score(W, X, Y, lamb, X_test, y_test, schedule)
+        if not scoring:
+            scoring.append(scorer(W, X, Y, lamb, X_test, y_test, schedule))
+        scores = scoring[0](W)
         if not np.isfinite(scores.loss):
             raise DivergenceError(t)
         on_point(LogPoint(t, scores))
