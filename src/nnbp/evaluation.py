@@ -22,8 +22,11 @@ def scorer(
     y_test: np.ndarray | None = None,
     schedule: Schedule = ONE_BLOCK,
 ) -> Callable[[Weights], Scores]:
-    """``score`` with these data for any weights of ``weights``' shapes: the data copied into
-    the blocks once, not at every log point of a training."""
+    """A function scoring any weights of ``weights``' shapes on the training set ``X``
+    ``(d, n)``, ``Y`` one-hot ``(K, n)``: the lab's cost with ``lamb`` and the accuracy; and the
+    accuracy on the test set ``X_test`` ``(d, m)``, ``y_test`` ``(m,)`` class indices, if given.
+    In training's blocks (``schedule``), so that the cost has the bits of the sums training
+    makes; the data are copied into the blocks once, not at every log point of a training."""
     train = Outputs(weights, X, Y, schedule)
     truth = np.argmax(Y, axis=0)
     test = None if X_test is None or y_test is None else Outputs(weights, X_test, None, schedule)
@@ -35,22 +38,6 @@ def scorer(
         return Scores(cost, train_acc, test_acc)
 
     return scores
-
-
-def score(
-    weights: Weights,
-    X: np.ndarray,
-    Y: np.ndarray,
-    lamb: float,
-    X_test: np.ndarray | None = None,
-    y_test: np.ndarray | None = None,
-    schedule: Schedule = ONE_BLOCK,
-) -> Scores:
-    """``weights`` on the training set ``X`` ``(d, n)``, ``Y`` one-hot ``(K, n)``: the lab's cost
-    with ``lamb`` and the accuracy; and the accuracy on the test set ``X_test`` ``(d, m)``,
-    ``y_test`` ``(m,)`` class indices, if given. In training's blocks (``schedule``), so that
-    the cost has the bits of the sums training makes."""
-    return scorer(weights, X, Y, lamb, X_test, y_test, schedule)(weights)
 
 
 @dataclass(frozen=True)
@@ -65,9 +52,9 @@ class Evaluation:
 def evaluate(model: TrainedModel, data: Prepared, map_blocks: MapBlocks = in_order) -> Evaluation:
     """``model`` on ``data``, in the blocks it was trained in, run through ``map_blocks``."""
     weights, schedule = list(model.weights), Schedule(model.hyper["blocks"], map_blocks)
-    scores = score(
+    scores = scorer(
         weights, data.X_train, data.Y_train, model.hyper["lamb"], data.X_test, data.y_test, schedule
-    )
+    )(weights)
     y_pred = predict(weights, data.X_test, schedule)
     K = data.classes
     confusion = np.zeros((K, K), dtype=np.int64)

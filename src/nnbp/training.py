@@ -33,7 +33,7 @@ def log_points(
     map_blocks: MapBlocks = in_order,
 ) -> Callback:
     """The ``fit`` callback that hands ``on_point`` a ``LogPoint`` at iteration 0, every
-    ``log_every`` and the last: the network scored (``evaluation.score``) on the training set
+    ``log_every`` and the last: the network scored (``evaluation.scorer``) on the training set
     ``X`` ``(d, n)``, ``Y`` one-hot ``(K, n)`` and, if given, the test set ``X_test`` ``(d, m)``,
     ``y_test`` ``(m,)``, in the training's ``blocks``. A non-finite cost raises
     ``DivergenceError`` at that iteration."""
