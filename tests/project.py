@@ -45,7 +45,8 @@ def clean_env(**extra: str) -> dict[str, str]:
     The venv first on PATH (dvc.yaml calls `python`), no inherited tracking store, DVC or git
     state, no kernel setting (``import nnbp`` set them in this process; a subprocess decides
     its kernels as on a user's machine), DVC analytics off, tracking off unless ``extra`` sets
-    it.
+    it. ``SHELL`` is bash, as in a terminal, whatever runs the suite: DVC runs a stage through
+    it (through /bin/sh where none is set), and dash keeps itself between DVC and the stage.
     """
     env = {
         k: v
@@ -57,6 +58,7 @@ def clean_env(**extra: str) -> dict[str, str]:
     env["DVC_NO_ANALYTICS"] = "1"
     env["NNBP_TRACKING"] = "off"
     env["PYTHONUNBUFFERED"] = "1"
+    env["SHELL"] = "/bin/bash"
     env[SESSION_MARK] = os.environ[SESSION_MARK]  # set by conftest.py for the whole session
     env.update(extra)
     return env

@@ -9,6 +9,11 @@ configuration tracked to a real `mlflow server`, half of them while the server i
 keep its history (the old pair or the new, never one of each), no run stay RUNNING once the
 server is back, and the next `dvc repro` succeed.
 
+DVC runs a stage through ``$SHELL`` (``/bin/sh`` where it is not set, as under cron or a CI
+runner). bash runs the stage as DVC's child; dash, Debian's ``/bin/sh``, keeps itself between them,
+and Ctrl-C ends it with the rest of the process group: DVC then reports the shell's ``-2``, while
+the stage stops as it does under bash. The trials take both shells in turn.
+
 Before its handler is in place (Python starting, the imports: a few tenths of a second) and
 after it is gone (the process exiting), a signal ends a stage as it ends any Python program:
 whether the handler was in place is read from the stage's SigCgt at the moment of the signal.
@@ -45,6 +50,7 @@ PYTHON_STARTING = "Fatal Python error: init_import_site"
 FREEZE_AHEAD = 1.0  # at most this many seconds between the server's freeze and the first signal
 TRIALS, LANES = 30, 3  # three workspaces side by side: ten rounds of three trials
 ITERS, LOG_EVERY = 1000, 100  # a second of training
+BASH, SH = "/bin/bash", "/bin/sh"  # a terminal's $SHELL, and DVC's shell when none is set
 PAIR = ("models/h25.npz", "reports/history/h25.json")
 LINES = {
     signal.SIGINT: (130, "interrupted (Ctrl-C): stopped; no output is half-written"),
@@ -101,6 +107,7 @@ class Trial:
     signum: int
     frozen: bool
     moment: float | None  # None: placed once its run is open (a frozen round)
+    shell: str = BASH  # DVC's $SHELL
     before: tuple[str, str] = ("", "")
     dvc: subprocess.Popen[str] | None = None
     stage: int | None = None  # the stage's pid, if one ran at the moment
@@ -115,17 +122,20 @@ class Trial:
         target = f"stage {self.stage}" if self.stage else "DVC (no stage running)"
         state = "frozen" if self.frozen else "up"
         name = signal.Signals(self.signum).name
-        return f"{self.lane.name} {name} at {self.moment or 0:.2f} s to {target}, server {state}"
+        where = f"{self.lane.name} ({Path(self.shell).name})"
+        return f"{where} {name} at {self.moment or 0:.2f} s to {target}, server {state}"
 
 
 def _pair(lane: Path) -> tuple[str, str]:
     return sha256(lane / PAIR[0]), sha256(lane / PAIR[1])
 
 
-def _repro(lane: Path, url: str, *targets: str) -> subprocess.Popen[str]:
+def _repro(lane: Path, url: str, *targets: str, shell: str = BASH) -> subprocess.Popen[str]:
     """`dvc repro TARGETS` in ``lane`` as a terminal runs it: its own process group, tracked to
-    ``url``, the stages importing nnbp from the lane's own src."""
-    env = clean_env(MLFLOW_TRACKING_URI=url, NNBP_TRACKING="on", PYTHONPATH=str(lane / "src"))
+    ``url``, the stages importing nnbp from the lane's own src, run through ``shell``."""
+    env = clean_env(
+        MLFLOW_TRACKING_URI=url, NNBP_TRACKING="on", PYTHONPATH=str(lane / "src"), SHELL=shell
+    )
     return subprocess.Popen(
         [str(BIN / "dvc"), "repro", *targets],
         cwd=lane,
@@ -194,7 +204,7 @@ def _round(
     the server thawed once every repro has ended."""
     for trial in trials:
         trial.before = _pair(trial.lane)
-        trial.dvc = _repro(trial.lane, url, "train@h25")
+        trial.dvc = _repro(trial.lane, url, "train@h25", shell=trial.shell)
     start = time.monotonic()
     freeze_at: float | None = None
     is_frozen = False
@@ -267,7 +277,8 @@ def _check(trial: Trial) -> None:
     if trial.stage is None:  # Ctrl-C to DVC alone, or the stage ended before the SIGTERM
         if trial.dvc.returncode == 0 and after == trial.before:
             problems.append("DVC succeeded without training")
-        why = ["interrupted by the user", "KeyboardInterrupt"]  # DVC's line, or its imports
+        # DVC's line, or its imports; or the shell, Ctrl-C'd before it had started the stage
+        why = ["interrupted by the user", "KeyboardInterrupt", f"exited with {-signal.SIGINT}"]
         if trial.frozen:  # the stage's check of the store, frozen from its start
             why.append("Error: MLflow tracking server ")
         if trial.repaired:  # DVC's cleanup, reading back the lock file the signal cut short
@@ -283,8 +294,10 @@ def _check(trial: Trial) -> None:
         problems.append("DVC exited 0")
     if trial.in_place:
         status, line = LINES[trial.signum]
-        if f"exited with {status}" not in out:
-            problems.append(f"the stage did not exit {status}")
+        shell_killed = trial.shell == SH and trial.signum == signal.SIGINT  # dash, by Ctrl-C
+        reported = -signal.SIGINT if shell_killed else status  # the status DVC sees
+        if f"exited with {reported}" not in out:
+            problems.append(f"DVC did not see {reported} (the stage's {status})")
         if line not in out:
             problems.append(f"no line {line!r}")
         if "Traceback" in out:
@@ -334,7 +347,8 @@ def _stop_at_random_moments(
             signum = (signal.SIGINT, signal.SIGTERM)[(r + i) % 2]
             frozen = r % 2 == 1
             moment = None if frozen else random.uniform(0.05, 0.9 * seconds)
-            round_trials.append(Trial(lane, signum, frozen, moment))
+            shell = (BASH, SH)[(r // 2 + i) % 2]  # each signal, frozen or not, in each shell
+            round_trials.append(Trial(lane, signum, frozen, moment, shell))
         _round(round_trials, url, proc, db, seconds)
         for trial in round_trials:
             _check(trial)
