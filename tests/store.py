@@ -34,12 +34,16 @@ class Run:
 
 def runs(db: Path | str) -> list[Run]:
     """Every run of the SQLite store ``db`` (its path or its ``sqlite:///`` URI), oldest first;
-    none while the store is being made or is locked for longer than 5 s."""
+    none while the store is being made or is locked for longer than 5 s.
+
+    Opened for writing (never created), as any client opens it: a server killed inside a write
+    leaves a hot journal, which the next connection rolls back; a read-only one cannot, and
+    reads nothing."""
     db = Path(str(db).removeprefix("sqlite:///"))
     if not db.exists():
         return []
     try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
+        with sqlite3.connect(f"file:{db}?mode=rw", uri=True, timeout=5) as con:
             found = {
                 run_id: Run(run_id, name, status, start or 0, end, uri)
                 for run_id, name, status, start, end, uri in con.execute(

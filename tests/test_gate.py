@@ -309,15 +309,16 @@ def test_degraded_run_fails_the_gate_and_an_unchanged_run_passes(repo_copy):
 def test_a_lock_corrupted_by_two_dvc_commands_fails_the_gate(repo_copy):
     """Issue 11, finding 7, as it happens: `dvc exp run -S iters=10` started while `dvc repro`
     trains is refused by DVC's lock but rewrites params.yaml, and the repro then records
-    iters 10 in dvc.lock beside a model trained with 20,000. The training stage is held
+    iters 10 in dvc.lock beside a model trained with 4,000. The training stage is held
     (SIGSTOP) while the second command runs, so the race happens whatever the machine's speed."""
+    long = 4000  # a few seconds: the stage is held as soon as it trains
     repo = repo_copy(iters=20, log_every=10)
     dvc(repo, "repro")
     result = _script(repo, "--baseline", "reports/metrics.json")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "dvc.lock: its params are the hyperparameters models/ records" in result.stdout
 
-    set_params(repo, {"iters": 20_000, "log_every": 10_000})
+    set_params(repo, {"iters": long, "log_every": long // 2})
     # Tracked, so that the test knows when training has begun: the stage has read params.yaml.
     db = repo.parent / "mlflow.db"
     with subprocess.Popen(
@@ -341,13 +342,13 @@ def test_a_lock_corrupted_by_two_dvc_commands_fails_the_gate(repo_copy):
             if repro.poll() is None:
                 repro.kill()
     assert second.returncode != 0, "the second DVC command was not refused"
-    assert "after 20000 iterations" in output, output
+    assert f"after {long} iterations" in output, output
     assert "iters: 10\n" in (repo / "dvc.lock").read_text(), "DVC's race did not happen"
 
     result = _script(repo, "--baseline", "reports/metrics.json")
     assert result.returncode == 1, result.stdout + result.stderr
     assert result.stderr.splitlines() == [
-        "dvc.lock disagrees with models/h25.npz: iters is 10 in dvc.lock but 20000 in the "
+        f"dvc.lock disagrees with models/h25.npz: iters is 10 in dvc.lock but {long} in the "
         "model (two DVC commands in one workspace?); run dvc repro -f train@h25"
     ]
     assert "FAILED: dvc.lock disagrees with the models on 1 value(s)" in result.stdout

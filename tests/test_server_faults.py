@@ -150,6 +150,7 @@ def test_a_killed_and_a_frozen_server_cost_the_run_its_tracking_not_its_model(tm
                 results[name] = (proc.returncode, ended[name] - faulted[name], out, err)
             # the file, read while the frozen server is stopped
             during = {run.run_id: run for run in runs(db)}
+            assert set(run_ids.values()) <= set(during), "the store could not be read"
             sent_live = len(during[run_ids["killed"]].steps.get("loss", []))
         # The store back: the frozen server thawed, the killed one's store behind it.
         closing = close_orphans(work, thawed.url)

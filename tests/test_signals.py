@@ -48,6 +48,9 @@ BOUND = 10.0  # seconds from a signal to the stage's exit
 # (exit 1), as docs/faults.md says.
 PYTHON_STARTING = "Fatal Python error: init_import_site"
 FREEZE_AHEAD = 1.0  # at most this many seconds between the server's freeze and the first signal
+# How often a frozen round looks for its runs: reading every process's /proc entries and the
+# store takes milliseconds of a core the stages are starting on.
+PLACE_EVERY = 0.1
 TRIALS, LANES = 30, 3  # three workspaces side by side: ten rounds of three trials
 ITERS, LOG_EVERY = 1000, 100  # a second of training
 BASH, SH = "/bin/bash", "/bin/sh"  # a terminal's $SHELL, and DVC's shell when none is set
@@ -207,6 +210,7 @@ def _round(
         trial.dvc = _repro(trial.lane, url, "train@h25", shell=trial.shell)
     start = time.monotonic()
     freeze_at: float | None = None
+    placed_at = -PLACE_EVERY
     is_frozen = False
     waiting = list(trials)
     with contextlib.ExitStack() as thaw:
@@ -214,10 +218,12 @@ def _round(
             while waiting:
                 now = time.monotonic() - start
                 if trials[0].frozen:
+                    placing = now - placed_at >= PLACE_EVERY
+                    placed_at = now if placing else placed_at
                     for trial in waiting:
                         if trial.moment is None and is_frozen:  # frozen while it opens its run
                             trial.moment = now + random.uniform(0, FREEZE_AHEAD)
-                        elif trial.moment is None:
+                        elif trial.moment is None and placing:
                             _place_after_its_run(trial, db, now, seconds)
                     placed = [t.moment for t in waiting if t.moment is not None]
                     if freeze_at is None and placed:
