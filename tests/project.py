@@ -197,10 +197,11 @@ def copy_repo(dest: Path, *, source: str = "digits", **params: Any) -> Path:
     return dest
 
 
-def baseline_copy(dest: Path) -> Path:
-    """``copy_repo`` with the shared run's few iterations, its baseline reproduced untracked
-    and committed (outputs, dvc.lock): a workspace to run experiments in."""
-    root = copy_repo(dest, iters=Pipeline.ITERS, log_every=Pipeline.LOG_EVERY)
+def baseline_copy(dest: Path, **params: Any) -> Path:
+    """``copy_repo`` with the shared run's few iterations (and ``params``), its baseline
+    reproduced untracked and committed (outputs, dvc.lock): a workspace to run experiments in."""
+    params = {"iters": Pipeline.ITERS, "log_every": Pipeline.LOG_EVERY, **params}
+    root = copy_repo(dest, **params)
     dvc(root, "repro", env=clean_env())
     git(root, "add", "--all")
     git(root, "commit", "--quiet", "--no-verify", "-m", "the baseline, reproduced")
