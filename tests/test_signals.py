@@ -54,6 +54,7 @@ PLACE_EVERY = 0.1
 TRIALS, LANES = 30, 3  # three workspaces side by side: ten rounds of three trials
 ITERS, LOG_EVERY = 1000, 100  # a second of training
 BASH, SH = "/bin/bash", "/bin/sh"  # a terminal's $SHELL, and DVC's shell when none is set
+SHELL_INTERRUPTED = -signal.SIGINT  # DVC's status of a shell that Ctrl-C ended
 PAIR = ("models/h25.npz", "reports/history/h25.json")
 LINES = {
     signal.SIGINT: (130, "interrupted (Ctrl-C): stopped; no output is half-written"),
@@ -284,7 +285,7 @@ def _check(trial: Trial) -> None:
         if trial.dvc.returncode == 0 and after == trial.before:
             problems.append("DVC succeeded without training")
         # DVC's line, or its imports; or the shell, Ctrl-C'd before it had started the stage
-        why = ["interrupted by the user", "KeyboardInterrupt", f"exited with {-signal.SIGINT}"]
+        why = ["interrupted by the user", "KeyboardInterrupt", f"exited with {SHELL_INTERRUPTED}"]
         if trial.frozen:  # the stage's check of the store, frozen from its start
             why.append("Error: MLflow tracking server ")
         if trial.repaired:  # DVC's cleanup, reading back the lock file the signal cut short
@@ -301,7 +302,7 @@ def _check(trial: Trial) -> None:
     if trial.in_place:
         status, line = LINES[trial.signum]
         shell_killed = trial.shell == SH and trial.signum == signal.SIGINT  # dash, by Ctrl-C
-        reported = -signal.SIGINT if shell_killed else status  # the status DVC sees
+        reported = SHELL_INTERRUPTED if shell_killed else status  # the status DVC sees
         if f"exited with {reported}" not in out:
             problems.append(f"DVC did not see {reported} (the stage's {status})")
         if line not in out:

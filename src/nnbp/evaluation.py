@@ -52,10 +52,10 @@ class Evaluation:
 def evaluate(model: TrainedModel, data: Prepared, map_blocks: MapBlocks = in_order) -> Evaluation:
     """``model`` on ``data``, in the blocks it was trained in, run through ``map_blocks``."""
     weights, schedule = list(model.weights), Schedule(model.hyper["blocks"], map_blocks)
-    scores = scorer(
-        weights, data.X_train, data.Y_train, model.hyper["lamb"], data.X_test, data.y_test, schedule
-    )(weights)
-    y_pred = predict(weights, data.X_test, schedule)
+    lamb = model.hyper["lamb"]
+    train = scorer(weights, data.X_train, data.Y_train, lamb, schedule=schedule)(weights)
+    y_pred = predict(weights, data.X_test, schedule)  # one pass: the accuracy and the confusion
+    scores = Scores(train.loss, train.train_acc, accuracy(y_pred, data.y_test))
     K = data.classes
     confusion = np.zeros((K, K), dtype=np.int64)
     np.add.at(confusion, (data.y_test, y_pred), 1)

@@ -38,14 +38,15 @@ def log_points(
     ``y_test`` ``(m,)``, in the training's ``blocks``. A non-finite cost raises
     ``DivergenceError`` at that iteration."""
     schedule = Schedule(blocks, map_blocks)
-    scoring: list[Callable[[Weights], Scores]] = []  # made at the first log point (its shapes)
+    score: Callable[[Weights], Scores] | None = None  # made at the first log point (its shapes)
 
     def callback(t: int, W: Weights) -> None:
+        nonlocal score
         if t % log_every and t != iters:
             return
-        if not scoring:
-            scoring.append(scorer(W, X, Y, lamb, X_test, y_test, schedule))
-        scores = scoring[0](W)
+        if score is None:
+            score = scorer(W, X, Y, lamb, X_test, y_test, schedule)
+        scores = score(W)
         if not np.isfinite(scores.loss):
             raise DivergenceError(t)
         on_point(LogPoint(t, scores))
