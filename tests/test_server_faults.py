@@ -85,6 +85,17 @@ def _ends(procs: dict[str, subprocess.Popen[str]], timeout: float) -> dict[str, 
     return ended
 
 
+def _committed(db: Path, copy: Path) -> Path:
+    """A copy of the store as it was last committed, while no process can write it (one server
+    killed, the other stopped, perhaps in the middle of a write and holding its lock): the file
+    and its journal copied together, which SQLite rolls back on opening, as after a crash."""
+    for suffix in ("", "-journal", "-wal"):
+        source = db.with_name(db.name + suffix)
+        if source.exists():
+            shutil.copyfile(source, copy.with_name(copy.name + suffix))
+    return copy
+
+
 def test_a_killed_and_a_frozen_server_cost_the_run_its_tracking_not_its_model(tmp_path: Path):
     db = tmp_path / "mlflow.db"
     init_store(db)  # before the servers: two creating its tables at once would race
@@ -148,8 +159,8 @@ def test_a_killed_and_a_frozen_server_cost_the_run_its_tracking_not_its_model(tm
             for name, proc in procs.items():
                 out, err = proc.communicate(timeout=30)
                 results[name] = (proc.returncode, ended[name] - faulted[name], out, err)
-            # the file, read while the frozen server is stopped
-            during = {run.run_id: run for run in runs(db)}
+            # the store, read while the frozen server is stopped
+            during = {run.run_id: run for run in runs(_committed(db, tmp_path / "during.db"))}
             assert set(run_ids.values()) <= set(during), "the store could not be read"
             sent_live = len(during[run_ids["killed"]].steps.get("loss", []))
         # The store back: the frozen server thawed, the killed one's store behind it.
