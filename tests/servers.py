@@ -354,14 +354,15 @@ def start_s3_server(folder: Path, bucket: str = "tp5-dvc") -> tuple[subprocess.P
 def stage_processes(root: Path, script: str = "stages/train.py") -> list[int]:
     """Pids of the running ``python SCRIPT`` processes whose working folder is ``root`` (not
     the ended ones their parent has not reaped yet)."""
-    found = []
+    found, folder, word = [], root.resolve(), script.encode()
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-            here = (proc / "cwd").resolve() == root.resolve()
-            if script.encode() in argv[:3] and here and alive(int(proc.name)):
+            # the command line first: a test polls this, and most processes are not stages
+            if word not in (proc / "cmdline").read_bytes().split(b"\0")[:3]:
+                continue
+            if (proc / "cwd").resolve() == folder and alive(int(proc.name)):
                 found.append(int(proc.name))
         except OSError:  # gone, or not ours to read
             continue

@@ -186,16 +186,15 @@ def _signal(trial: Trial) -> bool:
     return True
 
 
-def _place_after_its_run(trial: Trial, db: Path, now: float, seconds: float) -> None:
+def _place_after_its_run(trial: Trial, opened: set[str], now: float, seconds: float) -> None:
     """A frozen round's trial: its moment, at random in the rest of the repro once its run is
-    open in the store (so that the server freezes in the middle of a run); at once if its repro
-    ended first."""
+    open in the store (``opened``: the pids the store's runs name), so that the server freezes
+    in the middle of a run; at once if its repro ended first."""
     assert trial.dvc is not None
     if trial.dvc.poll() is not None:
         trial.moment = now
         return
-    pids = {str(pid) for pid in stage_processes(trial.lane)}
-    if pids and any(run.tags.get("nnbp.pid") in pids for run in runs(db)):
+    if {str(pid) for pid in stage_processes(trial.lane)} & opened:
         trial.moment = now + random.uniform(0, max(0.3, 0.9 * seconds - now))
 
 
@@ -219,13 +218,15 @@ def _round(
             while waiting:
                 now = time.monotonic() - start
                 if trials[0].frozen:
-                    placing = now - placed_at >= PLACE_EVERY
-                    placed_at = now if placing else placed_at
-                    for trial in waiting:
-                        if trial.moment is None and is_frozen:  # frozen while it opens its run
+                    unplaced = [t for t in waiting if t.moment is None]
+                    if unplaced and is_frozen:  # frozen while they open their runs
+                        for trial in unplaced:
                             trial.moment = now + random.uniform(0, FREEZE_AHEAD)
-                        elif trial.moment is None and placing:
-                            _place_after_its_run(trial, db, now, seconds)
+                    elif unplaced and now - placed_at >= PLACE_EVERY:
+                        placed_at = now
+                        opened = {run.tags.get("nnbp.pid", "") for run in runs(db)}
+                        for trial in unplaced:
+                            _place_after_its_run(trial, opened, now, seconds)
                     placed = [t.moment for t in waiting if t.moment is not None]
                     if freeze_at is None and placed:
                         freeze_at = max(now, min(placed) - random.uniform(0, FREEZE_AHEAD))
