@@ -118,6 +118,33 @@ def _kill(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+def test_a_run_stopped_while_its_end_waits_names_only_what_it_lost(
+    store: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A signal while the run's end waits for a locked store (a metric in flight, the FINISHED
+    status queued behind it): KILLED replaces FINISHED and, the store answering again, goes
+    through; nothing is lost, so no warning line (it used to say the run shows RUNNING)."""
+    locked: list[subprocess.Popen] = []  # the locker, once the signal has come
+
+    def stop_point() -> None:
+        """A stage's stop point: the signal is handled here, and the lock released as it is,
+        so that the store answers the KILLED status."""
+        if locked:
+            locker = locked.pop()
+            locker.kill()
+            locker.wait()
+            raise KeyboardInterrupt
+
+    run = Run.start("stopped", {"x": 1}, stop_check=stop_point)
+    locked.append(_lock(store, 60))
+    run.log_metrics({"loss": 0.5}, step=0)  # in flight, waiting for the lock
+    with pytest.raises(KeyboardInterrupt):
+        run.end()
+    assert locked == []  # the signal was handled in the end's wait
+    assert capsys.readouterr().err == ""
+    assert _runs(store)["stopped"] == ("KILLED", {"loss": [0]})
+
+
 @pytest.mark.slow
 def test_a_server_that_restarts_mid_run_leaves_it_complete_or_names_what_is_missing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch

@@ -377,20 +377,25 @@ class Run:
             return
         self._closing()
         assert self._end_by is not None
-        self._reported.append(self._sender.submit(self._resend, label="metrics not sent live"))
-        self._submit(self._client.set_terminated, self.run_id, status, label=_status_label(status))
+        resend = self._sender.submit(self._resend, label="metrics not sent live")
+        self._reported.append(resend)
+        label = _status_label(status)
+        closed = self._submit(self._client.set_terminated, self.run_id, status, label=label)
         try:
             self._sender.wait(self._reported, self._end_by, self._stop_check)
         except KeyboardInterrupt:
-            self._kill()
+            self._kill(replacing=(resend, closed))
             raise
         self._report()
         self._sender.close(self._end_by)
 
-    def _kill(self) -> None:
+    def _kill(self, replacing: tuple[Call, ...] = ()) -> None:
         """The KILLED status first, then the history if live logging broke, within
-        ``KILL_SECONDS``; what waited in the queue is given up."""
+        ``KILL_SECONDS``; what waited in the queue is given up. ``replacing``: the calls of an
+        end the signal stopped (its status, its resend), which these two replace: not named as
+        lost (the run is not left RUNNING for want of a FINISHED that KILLED replaced)."""
         assert self._sender is not None
+        self._reported = [call for call in self._reported if call not in replacing]
         until = time.monotonic() + KILL_SECONDS
         self._end_by = until
         self._sender.cap(until)
