@@ -155,16 +155,17 @@ _BEFORE: set[threading.Thread] = set()  # the threads alive when the command sta
 # For a thread of the command that is ending as the command exits. Each was already waited for
 # within its own budget (a run's end, its KILLED status, a join): a thread still alive then is
 # stuck on a store that does not answer, and a second more bought nothing (a stage stopped while
-# its server was frozen exited 3.0 s after the signal, 2.0 s with 0.2).
+# its server was frozen exited 3.0 s after the signal, 2.2 s with 0.2).
 GRACE_SECONDS = 0.2
 
 
 def _exit(status: int) -> NoReturn:
     """``sys.exit(status)``; but while a thread the command started still runs (a tracking
-    call left in flight by a store that did not answer within its budget), the process ends at
-    once, its output flushed. Python's finalization would stop that thread wherever it is, and
-    in a library's C++ code (matplotlib drawing a run's figure) that aborts the process: exit
-    -6, "terminate called without an active exception", seen under load with a killed server."""
+    call left in flight by a store that did not answer within its budget) ``GRACE_SECONDS``
+    later, the process ends there, its output flushed. Python's finalization would stop that
+    thread wherever it is, and in a library's C++ code (matplotlib drawing a run's figure)
+    that aborts the process: exit -6, "terminate called without an active exception", seen
+    under load with a killed server."""
     current = threading.current_thread()
     left = [
         t
