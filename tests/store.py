@@ -4,6 +4,7 @@ while a stage writes to it) or from a tracking server's REST API (``tests.server
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 import subprocess
 import time
@@ -63,6 +64,18 @@ def runs(db: Path | str) -> list[Run]:
     for run in found.values():
         run.steps = {k: sorted(v) for k, v in run.steps.items()}
     return list(found.values())
+
+
+def committed_copy(db: Path, copy: Path) -> Path:
+    """``copy``: the SQLite store ``db`` as it was last committed, for ``runs`` to read while
+    no process can write it (a server killed, or stopped in the middle of a write and holding
+    its lock): the file and its journal copied together, which SQLite rolls back on opening, as
+    after a crash."""
+    for suffix in ("", "-journal", "-wal"):
+        source = db.with_name(db.name + suffix)
+        if source.exists():
+            shutil.copyfile(source, copy.with_name(copy.name + suffix))
+    return copy
 
 
 def statuses(db: Path | str) -> list[str]:

@@ -30,7 +30,7 @@ from tests.faults import frozen, in_parallel
 from tests.params import set_params
 from tests.project import ROOT, clean_env, close_orphans, project_files
 from tests.servers import start_server, stop_server
-from tests.store import init_store, runs
+from tests.store import committed_copy, init_store, runs
 
 pytestmark = pytest.mark.slow
 
@@ -83,17 +83,6 @@ def _ends(procs: dict[str, subprocess.Popen[str]], timeout: float) -> dict[str, 
                 ended[name] = time.monotonic()
         time.sleep(0.02)
     return ended
-
-
-def _committed(db: Path, copy: Path) -> Path:
-    """A copy of the store as it was last committed, while no process can write it (one server
-    killed, the other stopped, perhaps in the middle of a write and holding its lock): the file
-    and its journal copied together, which SQLite rolls back on opening, as after a crash."""
-    for suffix in ("", "-journal", "-wal"):
-        source = db.with_name(db.name + suffix)
-        if source.exists():
-            shutil.copyfile(source, copy.with_name(copy.name + suffix))
-    return copy
 
 
 def test_a_killed_and_a_frozen_server_cost_the_run_its_tracking_not_its_model(tmp_path: Path):
@@ -160,7 +149,7 @@ def test_a_killed_and_a_frozen_server_cost_the_run_its_tracking_not_its_model(tm
                 out, err = proc.communicate(timeout=30)
                 results[name] = (proc.returncode, ended[name] - faulted[name], out, err)
             # the store, read while the frozen server is stopped
-            during = {run.run_id: run for run in runs(_committed(db, tmp_path / "during.db"))}
+            during = {run.run_id: run for run in runs(committed_copy(db, tmp_path / "during.db"))}
             assert set(run_ids.values()) <= set(during), "the store could not be read"
             sent_live = len(during[run_ids["killed"]].steps.get("loss", []))
         # The store back: the frozen server thawed, the killed one's store behind it.
